@@ -1,0 +1,18 @@
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: install test test-all demo
+
+install:
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -e .
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-all: install
+	$(PYTHON) -m pytest -q -m ""
+
+demo: install
+	@echo "make demo: not built yet (issue 5: synthetic dataset + CPU training)." >&2
+	@exit 1

@@ -1,0 +1,3 @@
+"""detr_irpe: DETR with image relative position encoding (iRPE) in the encoder."""
+
+__version__ = "0.1.0"
