@@ -1,0 +1,311 @@
+"""Typed configuration: dataclass defaults <- YAML file <- ``key=value`` overrides.
+
+A config has three sections, ``model``, ``data`` and ``train``. YAML files mirror them::
+
+    model:
+      backbone: resnet50
+      rpe: rpe-2.0-product-ctx-1-k
+    train:
+      epochs: 150
+
+Command-line overrides use dotted keys (``train.lr=2e-4``) or, when a name is unique
+across sections, the bare name (``lr=2e-4``). Values are parsed as YAML scalars and
+checked against the field's type. Any unknown key is an error naming the closest
+valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed: names the key, the value and what is valid."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture, matcher costs and loss weights (the arguments of ``build_detr``)."""
+
+    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | tiny
+    backbone_weights: str = "imagenet"  # imagenet | none | path to a torchvision-format state dict
+    train_backbone: bool = True  # False freezes the whole backbone (DETR's lr_backbone=0)
+    dilation: bool = False  # DC5: dilate the last stage (stride 16)
+    position_embedding: str = "sine"  # sine | learned
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    pre_norm: bool = False
+    num_queries: int = 100
+    num_classes: Optional[int] = 91  # None: read from the training annotation file
+    rpe: Optional[str] = None  # iRPE spec of the encoder, e.g. rpe-2.0-product-ctx-1-k; None = plain DETR
+    aux_loss: bool = True
+    # Hungarian matcher costs
+    set_cost_class: float = 1.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    # loss weights
+    ce_loss_coef: float = 1.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    eos_coef: float = 0.1  # weight of the "no object" class in the cross-entropy
+
+
+@dataclass
+class DataConfig:
+    """Where the COCO-format data lives and how it is augmented."""
+
+    root: str = "data/coco"
+    train_images: str = "train2017"  # relative to root unless absolute
+    train_annotations: str = "annotations/instances_train2017.json"
+    val_images: str = "val2017"
+    val_annotations: str = "annotations/instances_val2017.json"
+    train_scales: list = field(default_factory=lambda: list(range(480, 801, 32)))
+    max_size: int = 1333
+    eval_size: int = 800
+    crop_resize: list = field(default_factory=lambda: [400, 500, 600])
+    crop_min: int = 384
+    crop_max: int = 600
+    hflip: bool = True
+    augment: bool = True  # False: training images get the evaluation transform
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpoints and logging."""
+
+    output_dir: str = "outputs/run"
+    epochs: int = 150
+    batch_size: int = 2  # per process
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    lr_drop: int = 100  # epoch at which the learning rate is divided by 10
+    clip_max_norm: float = 0.1
+    eval_every: int = 1  # epochs between evaluations; 0 = only at the end
+    seed: int = 42
+    amp: str = "none"  # none | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    pretrained: Optional[str] = None  # checkpoint to start from (fine-tuning)
+    max_iters_per_epoch: Optional[int] = None  # cap for quick runs
+    keep_last: int = 3  # rolling checkpoints kept besides checkpoint.pth and the best
+    deterministic: bool = False
+    skip_nonfinite: bool = False  # skip a batch whose loss is NaN/inf instead of stopping
+    log_every: int = 20
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("model", "data", "train")
+
+
+def _closest(name: str, choices) -> str:
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int, float, str, bool, list, Optional[...])."""
+    if isinstance(tp, str):  # postponed annotations
+        tp = eval(tp, vars(typing), {})  # noqa: S307 - annotations of this module only
+    origin = typing.get_origin(tp)
+    if origin in (Union, getattr(types, "UnionType", Union)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null", "~") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{where}: expected a list like [1, 2], got {value!r}")
+    return value
+
+
+def _set(section_obj, section: str, key: str, value: Any) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section_obj)}
+    if key not in fields:
+        raise ConfigError(f"unknown config key '{section}.{key}'.{_closest(key, fields)} "
+                          f"Valid keys of '{section}': {', '.join(fields)}")
+    setattr(section_obj, key, _coerce(value, fields[key].type, f"{section}.{key}"))
+
+
+def merge_dict(cfg: Config, data: dict, source: str = "config") -> Config:
+    """Apply a nested ``{section: {key: value}}`` mapping onto ``cfg`` (in place)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections {SECTIONS}, got {type(data).__name__}")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{section}'.{_closest(str(section), SECTIONS)} "
+                              f"Valid sections: {', '.join(SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
+        for key, value in values.items():
+            try:
+                _set(getattr(cfg, section), section, str(key), value)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}. Pass an existing YAML file, e.g. configs/detr_r50.yaml")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        merge_dict(cfg, data or {}, source=str(path))
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def _owner_sections(key: str) -> list:
+    return [s for s in SECTIONS if key in {f.name for f in dataclasses.fields(getattr(Config(), s))}]
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """Apply ``section.key=value`` (or unique ``key=value``) strings onto ``cfg`` (in place)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=2e-4)")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if "." in key:
+            section, name = key.split(".", 1)
+            if section not in SECTIONS:
+                raise ConfigError(f"override '{item}': unknown section '{section}'.{_closest(section, SECTIONS)} "
+                                  f"Valid sections: {', '.join(SECTIONS)}")
+        else:
+            owners = _owner_sections(key)
+            if len(owners) > 1:
+                raise ConfigError(f"override '{item}': '{key}' exists in {owners}; write e.g. {owners[0]}.{key}=...")
+            if not owners:
+                every = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
+                bare = {e.split(".", 1)[1]: e for e in every}
+                hint = _closest(key, bare)
+                raise ConfigError(f"override '{item}': unknown config key '{key}'.{hint}")
+            section, name = owners[0], key
+        try:
+            _set(getattr(cfg, section), section, name, value)
+        except ConfigError as e:
+            raise ConfigError(f"override '{item}': {e}") from None
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that catch a bad config before any training time is spent."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    problems = []
+
+    def need(cond, msg):
+        if not cond:
+            problems.append(msg)
+
+    need(m.hidden_dim > 0, f"model.hidden_dim must be > 0, got {m.hidden_dim}")
+    need(m.nheads > 0 and m.hidden_dim % max(m.nheads, 1) == 0,
+         f"model.nheads ({m.nheads}) must divide model.hidden_dim ({m.hidden_dim})")
+    need(m.enc_layers >= 0, f"model.enc_layers must be >= 0, got {m.enc_layers}")
+    need(m.dec_layers >= 1, f"model.dec_layers must be >= 1, got {m.dec_layers}")
+    need(m.dim_feedforward > 0, f"model.dim_feedforward must be > 0, got {m.dim_feedforward}")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    need(m.num_queries > 0, f"model.num_queries must be > 0, got {m.num_queries}")
+    need(m.num_classes is None or m.num_classes > 0, f"model.num_classes must be > 0 or null, got {m.num_classes}")
+    need(m.position_embedding in ("sine", "learned"),
+         f"model.position_embedding must be 'sine' or 'learned', got {m.position_embedding!r}")
+    need(0.0 < m.eos_coef <= 1.0, f"model.eos_coef must be in (0, 1], got {m.eos_coef}")
+    if m.rpe:
+        from .irpe import parse_rpe_spec  # raises ValueError with the valid format
+
+        try:
+            parse_rpe_spec(m.rpe)
+        except ValueError as e:
+            problems.append(f"model.rpe: {e}")
+    need(t.epochs > 0, f"train.epochs must be > 0, got {t.epochs}")
+    need(t.batch_size > 0, f"train.batch_size must be > 0, got {t.batch_size}")
+    need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    need(t.lr_backbone >= 0, f"train.lr_backbone must be >= 0, got {t.lr_backbone}")
+    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    need(t.clip_max_norm >= 0, f"train.clip_max_norm must be >= 0 (0 disables), got {t.clip_max_norm}")
+    need(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
+    need(t.amp in ("none", "bf16", "fp16"), f"train.amp must be none, bf16 or fp16, got {t.amp!r}")
+    need(t.keep_last >= 0, f"train.keep_last must be >= 0, got {t.keep_last}")
+    need(t.max_iters_per_epoch is None or t.max_iters_per_epoch > 0,
+         f"train.max_iters_per_epoch must be > 0 or null, got {t.max_iters_per_epoch}")
+    need(d.max_size > 0 and d.eval_size > 0, "data.max_size and data.eval_size must be > 0")
+    need(len(d.train_scales) > 0 and all(isinstance(s, int) and s > 0 for s in d.train_scales),
+         f"data.train_scales must be a non-empty list of positive integers, got {d.train_scales}")
+    need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored in a checkpoint)."""
+    return merge_dict(Config(), data, source="checkpoint config")

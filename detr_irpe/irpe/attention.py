@@ -1,0 +1,190 @@
+"""Multi-head attention with iRPE: a drop-in for ``nn.MultiheadAttention`` as DETR's encoder uses it."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .buckets import BucketCache
+from .spec import RPEConfig, as_rpe_config
+from .tables import build_table
+
+
+class RPEMultiheadAttention(nn.Module):
+    """Multi-head attention whose logits / outputs carry image relative position encodings.
+
+    With ``rpe=None`` it computes exactly what ``nn.MultiheadAttention`` computes with the same
+    weights. With an iRPE config (or spec string such as ``"rpe-2.0-product-ctx-1-k"``), for
+    tokens ``i, j`` of the ``H x W`` feature map (row-major, padding included) and scaled
+    queries ``q_i / sqrt(d)``:
+
+    * on keys:    ``logit_ij += (q_i / sqrt(d)) . rk[b(i, j)]``   (or ``+= bk[b(i, j)]`` in bias mode)
+    * on queries: ``logit_ij += (k_j / sqrt(d)) . rq[b(j, i)]``   (or ``+= bq[b(j, i)]``)
+    * on values:  ``out_i    += sum_j a_ij rv[b(i, j)]``
+
+    where ``b(i, j)`` is the bucket of ``p_i - p_j``. The query-side term indexes the bucket of
+    ``p_j - p_i``, as the iRPE release does (its table is applied to keys and transposed).
+
+    Additive terms go to ``F.scaled_dot_product_attention`` as a float mask; the attention
+    weights are formed explicitly only when they are needed (encoding on values, or
+    ``need_weights=True``).
+
+    Args:
+        embed_dim: model width ``C``.
+        num_heads: number of heads ``H``; must divide ``embed_dim``.
+        dropout: dropout on the attention weights.
+        rpe: ``None``, an iRPE spec string or an :class:`RPEConfig`.
+        bucket_cache: a :class:`BucketCache` to share between layers (one is made if not given).
+
+    Parameters are named as in ``nn.MultiheadAttention`` (``in_proj_weight``, ``in_proj_bias``,
+    ``out_proj``) plus ``rpe_q`` / ``rpe_k`` / ``rpe_v`` tables, so DETR and iRPE-DETR
+    checkpoints load with ``strict=True``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0,
+                 rpe: Union[None, str, RPEConfig] = None, bucket_cache: Optional[BucketCache] = None):
+        super().__init__()
+        if num_heads <= 0 or embed_dim % num_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be positive and divide embed_dim ({embed_dim})")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self._reset_parameters()
+
+        self.rpe_config = as_rpe_config(rpe)
+        cfg = self.rpe_config
+        for name in ("q", "k", "v"):
+            table = None
+            if cfg is not None and name in cfg.rpe_on:
+                table = build_table(cfg, self.head_dim, num_heads, on_values=name == "v")
+            setattr(self, f"rpe_{name}", table)
+        self.bucket_cache = bucket_cache if bucket_cache is not None else BucketCache()
+
+    def _reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """In-projection; returns q, k, v as ``(B, H, L, D)``."""
+        C = self.embed_dim
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if query is key:
+            q, k = F.linear(query, w[: 2 * C], b[: 2 * C]).chunk(2, dim=-1)
+        else:
+            q = F.linear(query, w[:C], b[:C])
+            k = F.linear(key, w[C: 2 * C], b[C: 2 * C])
+        v = F.linear(value, w[2 * C:], b[2 * C:])
+
+        def heads(t: Tensor) -> Tensor:  # (L, B, C) -> (B, H, L, D)
+            return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+
+        return heads(q), heads(k), heads(v)
+
+    def _bucket_lookup(self, hw: Optional[Tuple[int, int]], length: int, device):
+        """Returns ``get_ids(method) -> (L, L)`` bucket ids for the current feature map."""
+        cfg = self.rpe_config
+        if hw is None:
+            side = math.isqrt(length - cfg.skip)
+            if side * side != length - cfg.skip:
+                raise ValueError(f"iRPE needs the feature-map size: pass hw=(H, W) "
+                                 f"(sequence length {length} is not a square grid)")
+            hw = (side, side)
+        height, width = int(hw[0]), int(hw[1])
+        if height * width + cfg.skip != length:
+            raise ValueError(f"iRPE: hw={tuple(hw)} gives {height * width} image tokens + {cfg.skip} skip "
+                             f"tokens, but the sequence has {length}; pass the feature map's (H, W) and set "
+                             f"RPEConfig.skip to the number of extra tokens")
+
+        def get_ids(method: str) -> Tensor:
+            return self.bucket_cache.get(method, height, width, cfg.ratio, cfg.skip, device)
+
+        return get_ids
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                hw: Optional[Tuple[int, int]] = None, need_weights: bool = False
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+        """
+        Args:
+            query: ``(L, B, C)``; key, value: ``(S, B, C)`` (``S == L`` when iRPE is used).
+            key_padding_mask: ``(B, S)`` bool, True where the key is padding.
+            attn_mask: ``(L, S)`` or ``(B*H, L, S)``; bool (True = not allowed) or additive float.
+            hw: ``(H, W)`` of the feature map the ``L`` tokens were flattened from (row-major).
+            need_weights: also return the attention weights averaged over heads.
+        Returns:
+            output ``(L, B, C)`` and weights ``(B, L, S)`` or None.
+        """
+        L, B, C = query.shape
+        S = key.shape[0]
+        if C != self.embed_dim:
+            raise ValueError(f"query has {C} channels, this attention was built for {self.embed_dim}")
+        q, k, v = self._project(query, key, value)
+        scale = self.head_dim ** -0.5
+
+        get_ids = None
+        bias = None  # additive logits, broadcastable to (B, H, L, S)
+        if self.rpe_config is not None:
+            if S != L:
+                raise ValueError(f"iRPE is defined for self-attention; got {L} queries and {S} keys")
+            get_ids = self._bucket_lookup(hw, L, query.device)
+            if self.rpe_k is not None:
+                bias = self.rpe_k.logits(q * scale, get_ids)
+            if self.rpe_q is not None:
+                term = self.rpe_q.logits(k * scale, get_ids).transpose(-2, -1)
+                bias = term if bias is None else bias + term
+        bias = _merge_masks(bias, attn_mask, key_padding_mask, B, self.num_heads, L, S, q.dtype)
+
+        p = self.dropout if self.training else 0.0
+        if self.rpe_v is None and not need_weights:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+            weights = None
+        else:
+            logits = torch.matmul(q * scale, k.transpose(-2, -1))
+            if bias is not None:
+                logits = logits + bias
+            attn = F.dropout(logits.softmax(dim=-1), p=p, training=self.training)
+            out = torch.matmul(attn, v)
+            if self.rpe_v is not None:
+                out = out + self.rpe_v.values(attn, get_ids)
+            weights = attn.mean(dim=1) if need_weights else None
+        out = out.permute(2, 0, 1, 3).reshape(L, B, C)
+        return self.out_proj(out), weights
+
+    def extra_repr(self) -> str:
+        rpe = self.rpe_config.spec if self.rpe_config is not None else None
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, rpe={rpe}"
+
+
+def _merge_masks(bias: Optional[Tensor], attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                 batch: int, heads: int, L: int, S: int, dtype: torch.dtype) -> Optional[Tensor]:
+    """Fold iRPE logits, ``attn_mask`` and ``key_padding_mask`` into one additive float mask."""
+    if attn_mask is not None:
+        if attn_mask.dim() == 3:
+            if attn_mask.shape != (batch * heads, L, S):
+                raise ValueError(f"3D attn_mask must be (B*H, L, S) = {(batch * heads, L, S)}, "
+                                 f"got {tuple(attn_mask.shape)}")
+            attn_mask = attn_mask.view(batch, heads, L, S)
+        elif attn_mask.shape != (L, S):
+            raise ValueError(f"2D attn_mask must be (L, S) = {(L, S)}, got {tuple(attn_mask.shape)}")
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(
+                attn_mask, float("-inf"))
+        bias = attn_mask.to(dtype) if bias is None else bias + attn_mask.to(dtype)
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (batch, S):
+            raise ValueError(f"key_padding_mask must be (B, S) = {(batch, S)}, got {tuple(key_padding_mask.shape)}")
+        pad = key_padding_mask.view(batch, 1, 1, S)
+        if bias is None:
+            bias = torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill(pad, float("-inf"))
+        else:
+            bias = bias.to(dtype).masked_fill(pad, float("-inf"))
+    elif bias is not None:
+        bias = bias.to(dtype)
+    return bias

@@ -1,0 +1,132 @@
+"""Bucket ids of 2D relative positions: the piecewise index function g(x) and the four methods.
+
+For an ``H x W`` feature map flattened row-major into ``L = H*W`` tokens, token ``i`` sits at
+``p_i = (row, col)``. The bucket of a pair ``(i, j)`` is a function of the offset ``p_i - p_j``:
+
+* ``euc``      g(round(||p_i - p_j||_2)) + int(beta)                in [0, 2 int(beta)]
+* ``quant``    g(||p_i - p_j||_2^2) + int(beta)                     in [0, 2 int(beta)]
+* ``cross``    rows: g(dr) + int(beta), cols: g(dc) + int(beta)    two tables, summed
+* ``product``  (g(dr) + int(beta)) * (2 int(beta)+1) + g(dc) + int(beta)
+
+Arithmetic follows the iRPE release exactly (float32 logs, round-half-to-even, truncation),
+so bucket ids agree with its model-zoo checkpoints bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .spec import num_buckets
+
+# Table methods: "cross" is built from two tables, one on rows and one on columns.
+TABLE_METHODS = ("euc", "quant", "product", "cross_rows", "cross_cols")
+
+
+@torch.no_grad()
+def piecewise_index(x: Tensor, alpha: float, beta: float, gamma: float) -> Tensor:
+    """The piecewise index function g(x) of the paper (Eq. 18), elementwise.
+
+    ``g(x) = round(x)`` for ``|x| <= alpha``, else
+    ``sign(x) * min(beta, round(alpha + ln(|x|/alpha) / ln(gamma/alpha) * (beta - alpha)))``,
+    truncated to an integer in ``[-int(beta), int(beta)]``.
+
+    Args:
+        x: integer or float tensor of any shape (relative positions or distances).
+    Returns:
+        long tensor of the same shape.
+    """
+    abs_x = x.abs()
+    inside = abs_x <= alpha
+    # The outside branch is computed on all elements (clamped so the log stays finite) and used
+    # where ~inside; float32 like the release, so rounding ties break the same way.
+    abs_f = abs_x if abs_x.is_floating_point() else abs_x.to(torch.float32)
+    log_ratio = torch.log(abs_f.clamp(min=alpha) / alpha) / math.log(gamma / alpha)
+    magnitude = (alpha + log_ratio * (beta - alpha)).round().clip(max=beta)
+    outside = (torch.sign(x) * magnitude).to(torch.long)
+    near = x.round().to(torch.long) if x.is_floating_point() else x.to(torch.long)
+    return torch.where(inside, near, outside)
+
+
+def _offsets(n: int, device) -> Tensor:
+    """(n, n) matrix of ``a - b`` for positions a, b in [0, n)."""
+    pos = torch.arange(n, device=device)
+    return pos[:, None] - pos[None, :]
+
+
+@torch.no_grad()
+def bucket_ids_2d(method: str, height: int, width: int, ratio: float, skip: int = 0,
+                  device=None) -> Tuple[Tensor, int]:
+    """Bucket id of every pair of tokens on an ``height x width`` grid (plus ``skip`` leading tokens).
+
+    Args:
+        method: one of ``euc``, ``quant``, ``product``, ``cross_rows``, ``cross_cols``.
+        ratio: alpha = ratio, beta = 2 ratio, gamma = 8 ratio.
+        skip: extra tokens (e.g. a class token) placed before the image tokens; every pair that
+            involves one of them gets the extra bucket id ``num_buckets``.
+    Returns:
+        ids: ``(skip + H*W, skip + H*W)`` long tensor, ``ids[i, j]`` = bucket of ``p_i - p_j``.
+        num_buckets: number of distinct ids the table must hold (including the skip bucket).
+    """
+    if method not in TABLE_METHODS:
+        raise ValueError(f"unknown bucket method {method!r}; expected one of {TABLE_METHODS}")
+    if height <= 0 or width <= 0:
+        raise ValueError(f"feature map size must be positive, got height={height}, width={width}")
+    alpha, beta, gamma = 1.0 * ratio, 2.0 * ratio, 8.0 * ratio
+    beta_int = int(beta)
+    g = lambda t: piecewise_index(t, alpha, beta, gamma)  # noqa: E731
+    dr = _offsets(height, device)[:, None, :, None]  # (H, 1, H, 1): row_i - row_j
+    dc = _offsets(width, device)[None, :, None, :]  # (1, W, 1, W): col_i - col_j
+    if method == "product":
+        side = 2 * beta_int + 1
+        ids = (g(dr) + beta_int) * side + (g(dc) + beta_int)
+    elif method == "cross_rows":
+        ids = (g(dr) + beta_int).expand(height, width, height, width)
+    elif method == "cross_cols":
+        ids = (g(dc) + beta_int).expand(height, width, height, width)
+    elif method == "euc":
+        dist = (dr.square() + dc.square()).float().sqrt().round()
+        ids = g(dist) + beta_int
+    else:  # quant: squared distance
+        ids = g(dr.square() + dc.square()) + beta_int
+    L = height * width
+    ids = ids.reshape(L, L)
+    n = num_buckets("product" if method == "product" else "euc", beta)
+    if skip > 0:
+        full = torch.full((skip + L, skip + L), n, dtype=torch.long, device=device)
+        full[skip:, skip:] = ids
+        ids, n = full, n + 1
+    return ids.contiguous(), n
+
+
+class BucketCache:
+    """A small LRU cache of bucket ids keyed by (method, ratio, H, W, skip, device).
+
+    Owned by a model (or shared by the layers of one encoder), never global: the bucket ids of
+    a feature-map size are computed once and reused by every layer and iteration.
+    """
+
+    def __init__(self, maxsize: int = 16):
+        self.maxsize = maxsize
+        self._store: "OrderedDict[tuple, Tensor]" = OrderedDict()
+
+    def get(self, method: str, height: int, width: int, ratio: float, skip: int, device) -> Tensor:
+        key = (method, float(ratio), int(height), int(width), int(skip), torch.device(device))
+        ids = self._store.get(key)
+        if ids is None:
+            ids, _ = bucket_ids_2d(method, height, width, ratio, skip, device=device)
+            self._store[key] = ids
+            if len(self._store) > self.maxsize:
+                self._store.popitem(last=False)
+        else:
+            self._store.move_to_end(key)
+        return ids
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def clear(self) -> None:
+        self._store.clear()
