@@ -244,7 +244,8 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
             if not owners:
                 every = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
                 bare = {e.split(".", 1)[1]: e for e in every}
-                hint = _closest(key, bare)
+                match = difflib.get_close_matches(key, list(bare), n=1, cutoff=0.5)
+                hint = f" Did you mean '{bare[match[0]]}'?" if match else ""
                 raise ConfigError(f"override '{item}': unknown config key '{key}'.{hint}")
             section, name = owners[0], key
         try:
