@@ -1,0 +1,252 @@
+"""Reading checkpoint files and loading them into a model, including the official DETR and
+iRPE-DETR releases.
+
+Checkpoints are dicts holding the model's state dict under ``model`` and, when written by a
+training script, ``optimizer``, ``lr_scheduler``, ``epoch`` and ``args``. They are read with
+``torch.load(weights_only=True)``: tensors, plain containers and, because the DETR and iRPE
+training scripts store their command line that way, ``argparse.Namespace`` — no other class.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple, Union
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor, nn
+
+# Heads whose shape depends on the dataset or the number of queries; fine-tuning may re-initialise them.
+FINETUNE_HEADS = ("class_embed", "query_embed")
+_LISTED = 20  # keys listed per category in error messages
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read, or does not fit the model; the message says why and what to do."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_model_weights` / :func:`load_for_finetuning` did.
+
+    Attributes:
+        loaded: checkpoint keys copied into the model.
+        skipped: model keys left at their fresh initialisation because the checkpoint's shape
+            differs (fine-tuning heads, e.g. ``class_embed.*`` for another number of classes).
+        initialised: model keys absent from the checkpoint and initialised here (iRPE lookup
+            tables, kept at zero when starting from a plain DETR checkpoint).
+        missing: other model keys absent from the checkpoint (only with ``strict=False``).
+        unexpected: checkpoint keys the model has no place for (only with ``strict=False``).
+    """
+
+    loaded: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    initialised: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors from the checkpoint"]
+        if self.skipped:
+            lines.append(f"re-initialised (shape differs from the checkpoint): {', '.join(self.skipped)}")
+        if self.initialised:
+            lines.append(f"initialised to zero (not in the checkpoint): {', '.join(self.initialised)}")
+        if self.missing:
+            lines.append(f"missing from the checkpoint: {', '.join(self.missing)}")
+        if self.unexpected:
+            lines.append(f"ignored (not in the model): {', '.join(self.unexpected)}")
+        return "\n".join(lines)
+
+
+# -- reading files ------------------------------------------------------------------------
+
+
+def load_checkpoint_file(path_or_url: Union[str, os.PathLike], map_location="cpu") -> dict:
+    """Read a checkpoint file (or download it first when given an http(s) URL).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the download failed, the file is corrupt or truncated, or it needs
+            code to unpickle (a class other than ``argparse.Namespace``), which
+            ``weights_only=True`` refuses.
+    """
+    path = _download(str(path_or_url)) if _is_url(path_or_url) else Path(path_or_url).expanduser()
+    if not path.is_file():
+        hint = " (it is a directory)" if path.is_dir() else ""
+        raise FileNotFoundError(f"checkpoint file not found: {path}{hint}. Pass the path of a .pth file "
+                                f"or an http(s) URL to download")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _unpickling_error(path, e) from None
+    except (EOFError, KeyError, ValueError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _looks_corrupt(str(e)):
+            raise
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({path.stat().st_size} bytes; "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected end of file'}). "
+            f"Download or save it again") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict "
+                              f"(a state dict, or a dict with the state dict under 'model')")
+    return obj
+
+
+def _is_url(path_or_url) -> bool:
+    return isinstance(path_or_url, str) and urlparse(path_or_url).scheme in ("http", "https")
+
+
+def _download(url: str) -> Path:
+    """Download ``url`` once into torch hub's checkpoint directory; return the local path."""
+    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(target), progress=True)
+        except OSError as e:  # URLError, timeouts and DNS failures are OSErrors
+            raise CheckpointError(
+                f"could not download {url} ({e}). Without network access, download the file on another "
+                f"machine and pass its local path instead of the URL") from None
+    return target
+
+
+def _unpickling_error(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
+    message = str(error)
+    needs = re.search(r"GLOBAL (\S+) was not an allowed global", message)
+    if needs or "WeightsUnpickler error" in message:
+        what = f"the class or function {needs.group(1)}" if needs else "code"
+        return CheckpointError(
+            f"refusing to load {path}: unpickling it would need to import and run {what}. Checkpoints are "
+            f"read with torch.load(weights_only=True), which accepts only tensors, plain containers and "
+            f"argparse.Namespace, so that a file cannot execute arbitrary code. If you trust its source, "
+            f"load it yourself with weights_only=False and re-save just the state dict: "
+            f"torch.save({{'model': checkpoint['model']}}, 'clean.pth')")
+    return CheckpointError(f"checkpoint {path} is corrupt ({message.splitlines()[0]}). Download or save it again")
+
+
+def _looks_corrupt(message: str) -> bool:
+    return any(s in message for s in ("corrupt", "EOF", "zip archive", "failed reading", "invalid header",
+                                      "magic number"))
+
+
+def state_dict_from_checkpoint(obj: Mapping) -> Dict[str, Tensor]:
+    """The model state dict of a checkpoint: ``obj["model"]``, or ``obj`` itself if it is one.
+
+    A ``module.`` prefix on every key (a model saved while wrapped in DistributedDataParallel)
+    is removed.
+    """
+    state = obj.get("model") if isinstance(obj.get("model"), Mapping) else obj
+    if not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"no model state dict in this checkpoint: expected tensors under 'model' or a "
+                              f"bare state dict, found keys {sorted(obj)[:10]}")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+# -- loading into a model -----------------------------------------------------------------
+
+
+def _compare(model: nn.Module, state_dict: Mapping[str, Tensor]) -> Tuple[List[str], List[str], List[tuple]]:
+    """Model keys missing from ``state_dict``, unexpected keys, and ``(key, model shape, ckpt shape)``."""
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in state_dict)
+    # FrozenBatchNorm2d drops BN's num_batches_tracked when loading; it is not a mismatch.
+    unexpected = sorted(k for k in state_dict if k not in expected and not (
+        k.endswith(".num_batches_tracked") and k[: -len("num_batches_tracked")] + "running_mean" in expected))
+    mismatched = [(k, tuple(expected[k].shape), tuple(v.shape)) for k, v in state_dict.items()
+                  if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    return missing, unexpected, sorted(mismatched)
+
+
+def _what(action: str, source: Optional[str]) -> str:
+    return f"{action} ({source})" if source else action
+
+
+def _is_head(key: str) -> bool:
+    return key.split(".")[0] in FINETUNE_HEADS
+
+
+def _listing(title: str, items: List[str]) -> str:
+    more = f"\n    ... and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
+    return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:_LISTED]) + more
+
+
+def _mismatch_error(missing: List[str], unexpected: List[str], mismatched: List[tuple], what: str) -> CheckpointError:
+    msg = f"{what}: the checkpoint does not fit this model (was it trained with another configuration?)"
+    if missing:
+        msg += _listing("missing from the checkpoint", missing)
+    if unexpected:
+        msg += _listing("unexpected in the checkpoint (not in the model)", unexpected)
+    if mismatched:
+        msg += _listing("shape mismatches", [f"{k}: model expects {list(m)}, checkpoint has {list(c)}"
+                                             for k, m, c in mismatched])
+    hints = []
+    if any("lookup_table" in k for k in unexpected):
+        hints.append("the checkpoint has iRPE tables: build the model with the matching rpe spec "
+                     "(e.g. rpe='rpe-2.0-product-ctx-1-k')")
+    if missing and all("lookup_table" in k for k in missing):
+        hints.append("only iRPE tables are missing: to start an iRPE model from a plain DETR checkpoint use "
+                     "load_for_finetuning")
+    if any(_is_head(k) for k, _, _ in mismatched):
+        hints.append("class_embed / query_embed differ (another num_classes / num_queries): to fine-tune, "
+                     "use load_for_finetuning, which re-initialises those heads")
+    return CheckpointError(msg + "".join(f"\n  hint: {h}" for h in hints))
+
+
+def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True,
+                       source: Optional[str] = None) -> LoadReport:
+    """Copy ``state_dict`` into ``model``.
+
+    Shapes must always agree. With ``strict`` (the default) the key sets must be identical;
+    otherwise missing and unexpected keys are tolerated and listed in the report. ``source``
+    (e.g. the file name) is quoted in error messages.
+
+    Raises:
+        CheckpointError: listing every missing / unexpected key and every shape mismatch
+            (key, expected shape, checkpoint shape).
+    """
+    missing, unexpected, mismatched = _compare(model, state_dict)
+    if mismatched or (strict and (missing or unexpected)):
+        raise _mismatch_error(missing, unexpected, mismatched, _what("cannot load weights", source))
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in unexpected}, strict=False)
+    loaded = sorted(k for k in state_dict if k not in unexpected)
+    return LoadReport(loaded=loaded, missing=missing, unexpected=unexpected)
+
+
+def load_for_finetuning(model: nn.Module, state_dict: Mapping[str, Tensor],
+                        source: Optional[str] = None) -> LoadReport:
+    """Start ``model`` from a checkpoint trained with another head size or without iRPE.
+
+    * ``class_embed.*`` / ``query_embed.*`` whose shapes differ from the checkpoint (another
+      ``num_classes`` / ``num_queries``) are re-initialised and reported in ``skipped``.
+    * iRPE lookup tables missing from the checkpoint (a plain DETR checkpoint loaded into an
+      iRPE model) are set to zero, so the model starts out computing what the checkpoint
+      computed; they are reported in ``initialised``.
+
+    Raises:
+        CheckpointError: any other missing / unexpected key or shape mismatch.
+    """
+    missing, unexpected, mismatched = _compare(model, state_dict)
+    heads = [m for m in mismatched if _is_head(m[0])]
+    tables = [k for k in missing if "lookup_table" in k]
+    other_mismatched = [m for m in mismatched if m not in heads]
+    other_missing = [k for k in missing if k not in tables]
+    if other_mismatched or other_missing or unexpected:
+        raise _mismatch_error(other_missing, unexpected, other_mismatched,
+                              _what("cannot fine-tune from this checkpoint", source))
+    skipped = sorted(k for k, _, _ in heads)
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in skipped}, strict=False)
+    for name in {k.split(".")[0] for k in skipped}:
+        model.get_submodule(name).reset_parameters()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key in tables:
+            params[key].zero_()
+    loaded = sorted(k for k in state_dict if k not in skipped)
+    return LoadReport(loaded=loaded, skipped=skipped, initialised=tables)

@@ -1,0 +1,174 @@
+"""CNN backbones that turn a padded image batch into one feature map plus its padding mask.
+
+Every backbone here has the same interface: ``num_channels`` (channels of the output feature
+map), ``stride`` (32, or 16 for a dilated last stage) and ``forward(images, mask) -> (features,
+mask)``. The module holding the layers is always ``body`` so checkpoint keys read
+``backbone.0.body.*`` once the backbone sits inside :class:`Joiner`.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONES = RESNETS + ("tiny",)
+# ResNet stages that are trained when the backbone is trained (DETR freezes the stem and layer1).
+TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
+
+
+def mask_to_feature(mask: Tensor, size: Tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of a padding mask ``(B, H, W)`` bool to ``size = (h, w)``."""
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision ResNet up to its last stage (stride 32, or 16 with ``dilation``).
+
+    Batch norm is frozen (``FrozenBatchNorm2d``: statistics and affine parameters are buffers).
+    The stem and ``layer1`` are never trained; ``layer2``-``layer4`` are trained only when
+    ``train_backbone`` is True.
+
+    Args:
+        name: one of ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``.
+        weights: ``"imagenet"`` (torchvision's IMAGENET1K_V1, downloaded), ``"none"`` (random
+            init) or the path of a torchvision-format ResNet state dict.
+        train_backbone: train layer2-4 (False freezes every parameter).
+        dilation: replace the stride of the last stage by dilation (DETR's DC5).
+    """
+
+    def __init__(self, name: str = "resnet50", weights: str = "imagenet", train_backbone: bool = True,
+                 dilation: bool = False):
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"unknown ResNet {name!r}; choose one of {', '.join(RESNETS)}")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50 or resnet101); "
+                             f"torchvision's {name} does not support it")
+        resnet = torchvision.models.get_model(name, weights=None, norm_layer=FrozenBatchNorm2d,
+                                              replace_stride_with_dilation=[False, False, dilation])
+        if _wants_weights(weights):
+            _load_resnet_weights(resnet, name, weights)
+        self.body = nn.Sequential(OrderedDict(
+            (child, getattr(resnet, child))
+            for child in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        ))
+        for pname, param in self.body.named_parameters():
+            if not train_backbone or not pname.startswith(TRAINABLE_STAGES):
+                param.requires_grad_(False)
+        self.num_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        self.stride = 16 if dilation else 32
+
+    def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+        """images ``(B, 3, H, W)``, mask ``(B, H, W)`` bool (True = padding) ->
+        features ``(B, num_channels, h, w)`` and their mask ``(B, h, w)``."""
+        features = self.body(images)
+        return features, mask_to_feature(mask, features.shape[-2:])
+
+
+def _wants_weights(weights: str) -> bool:
+    return str(weights).lower() != "none"
+
+
+def _load_resnet_weights(resnet: nn.Module, name: str, weights: str) -> None:
+    """Load ``weights`` (``imagenet`` or a local file path) into a full torchvision ResNet."""
+    state = _resnet_state_dict(name, weights)
+    try:
+        resnet.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"backbone_weights={weights!r} is not a torchvision {name} state dict: {e}") from None
+
+
+def _resnet_state_dict(name: str, weights: str) -> dict:
+    """The state dict named by ``weights``: ``imagenet`` (download) or a local file path."""
+    if str(weights).lower() == "imagenet":
+        enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+        try:
+            return enum.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        except OSError as e:  # URLError and socket errors are OSErrors
+            raise RuntimeError(
+                f"could not download the ImageNet weights of {name} from {enum.url} ({e}). "
+                f"Without network access, either pass backbone_weights=none (random init) or download "
+                f"that file elsewhere and pass its local path as backbone_weights=/path/to/{Path(enum.url).name}"
+            ) from e
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"backbone_weights={weights!r} is neither 'imagenet', 'none' nor an existing file. "
+            f"Pass a torchvision-format {name} state dict (e.g. {name}-*.pth from download.pytorch.org)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state
+
+
+class TinyBackbone(nn.Module):
+    """A small plain CNN trained from scratch: five stride-2 conv-BN-ReLU stages (stride 32).
+
+    Meant for CPU demos where a ResNet is too slow. Batch norm is the ordinary trainable kind.
+
+    Args:
+        channels: output channels of the five stages; the last is ``num_channels``.
+        train_backbone: False freezes every parameter.
+    """
+
+    def __init__(self, channels: Tuple[int, ...] = (32, 48, 64, 96, 128), train_backbone: bool = True):
+        super().__init__()
+        stages, in_ch = OrderedDict(), 3
+        for i, out_ch in enumerate(channels):
+            stages[f"stage{i}"] = nn.Sequential(OrderedDict(
+                conv=nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1, bias=False),
+                bn=nn.BatchNorm2d(out_ch),
+                relu=nn.ReLU(inplace=True),
+            ))
+            in_ch = out_ch
+        self.body = nn.Sequential(stages)
+        for param in self.body.parameters():
+            param.requires_grad_(train_backbone)
+        self.num_channels = channels[-1]
+        self.stride = 2 ** len(channels)
+
+    def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+        """images ``(B, 3, H, W)``, mask ``(B, H, W)`` -> ``(B, num_channels, h, w)``, ``(B, h, w)``."""
+        features = self.body(images)
+        return features, mask_to_feature(mask, features.shape[-2:])
+
+
+class Joiner(nn.Sequential):
+    """Backbone followed by the position encoding of its feature map.
+
+    An ``nn.Sequential`` only so that state-dict keys are ``backbone.0.*`` (the CNN) and
+    ``backbone.1.*`` (a learned position embedding), as in DETR checkpoints.
+    """
+
+    def __init__(self, backbone: nn.Module, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+        self.stride = backbone.stride
+
+    def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Returns features ``(B, C, h, w)``, mask ``(B, h, w)`` and position ``(B, hidden_dim, h, w)``."""
+        features, mask = self[0](images, mask)
+        pos = self[1](mask).to(features.dtype)
+        return features, mask, pos
+
+
+def build_backbone(name: str, weights: str = "none", train_backbone: bool = True,
+                   dilation: bool = False) -> nn.Module:
+    """A backbone by name (``resnet18/34/50/101`` or ``tiny``); see the classes for the arguments."""
+    if name == "tiny":
+        if _wants_weights(weights):
+            raise ValueError(f"the tiny backbone trains from scratch and has no pretrained weights; "
+                             f"set backbone_weights=none (got {weights!r})")
+        if dilation:
+            raise ValueError("dilation (DC5) applies to ResNet backbones only, not to 'tiny'")
+        return TinyBackbone(train_backbone=train_backbone)
+    if name in RESNETS:
+        return ResNetBackbone(name, weights, train_backbone, dilation)
+    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

@@ -1,0 +1,164 @@
+"""DETR's set prediction loss: Hungarian matching, then classification and box losses."""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import generalized_box_iou_loss
+
+from .box_checks import cxcywh_to_xyxy
+from .matcher import HungarianMatcher
+
+Targets = List[Dict[str, Tensor]]
+Indices = List[Tuple[Tensor, Tensor]]
+
+
+def detr_weight_dict(ce_loss_coef: float = 1.0, bbox_loss_coef: float = 5.0, giou_loss_coef: float = 2.0,
+                     num_aux: int = 0) -> Dict[str, float]:
+    """Loss weights for the final layer and ``num_aux`` auxiliary decoder layers (suffix ``_i``)."""
+    final = {"loss_ce": ce_loss_coef, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
+    weights = dict(final)
+    for i in range(num_aux):
+        weights.update({f"{k}_{i}": v for k, v in final.items()})
+    return weights
+
+
+class SetCriterion(nn.Module):
+    """Losses of DETR's predictions against the targets they are matched to.
+
+    For every decoder layer (the final one and each entry of ``aux_outputs``) the predictions
+    are matched to the targets, then:
+
+    * ``loss_ce``: cross-entropy over all queries; unmatched ones target "no object"
+      (class ``num_classes``), whose weight is ``eos_coef``.
+    * ``loss_bbox``: L1 between matched (cx, cy, w, h) boxes, summed and divided by the number
+      of target boxes (averaged over processes).
+    * ``loss_giou``: ``1 - GIoU`` of matched boxes, normalised the same way.
+    * ``cardinality_error`` (logged, no gradient): |number of non-"no object" predictions -
+      number of targets|, averaged over images.
+    * ``class_error`` (final layer only, logged): 100 - top-1 accuracy (%) on matched queries.
+
+    Auxiliary layer ``i`` gets the same keys with suffix ``_i``. Everything is computed in
+    float32, also under autocast.
+
+    Args:
+        num_classes: K, without "no object".
+        matcher: a :class:`HungarianMatcher`.
+        weight_dict: weight of each loss key in the total (see :func:`detr_weight_dict`).
+        eos_coef: cross-entropy weight of the "no object" class.
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: Dict[str, float],
+                 eos_coef: float = 0.1):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = dict(weight_dict)
+        self.eos_coef = eos_coef
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    def forward(self, outputs: Dict[str, object], targets: Targets) -> Dict[str, Tensor]:
+        """Compute all losses and logged metrics.
+
+        Args:
+            outputs: the model's output dict (``pred_logits``, ``pred_boxes``, optional ``aux_outputs``).
+            targets: per image ``labels`` ``(N_i,)`` int64 in ``[0, num_classes)`` and ``boxes``
+                ``(N_i, 4)`` normalised cxcywh.
+
+        Returns:
+            A dict of scalar tensors; combine with :meth:`weighted_loss`.
+        """
+        self._check_labels(targets)
+        device = outputs["pred_logits"].device
+        with torch.autocast(device.type, enabled=False):
+            num_boxes = self._num_boxes(targets, device)
+            losses, indices = self._layer_losses(outputs, targets, num_boxes)
+            losses["class_error"] = self.class_error(outputs["pred_logits"].float(), targets, indices)
+            for i, aux in enumerate(outputs.get("aux_outputs", [])):
+                aux_losses, _ = self._layer_losses(aux, targets, num_boxes)
+                losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        return losses
+
+    def weighted_loss(self, losses: Dict[str, Tensor]) -> Tensor:
+        """The training objective: ``sum(weight_dict[k] * losses[k])`` over the weighted keys present."""
+        return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
+
+    # -- one decoder layer ------------------------------------------------------------------
+
+    def _layer_losses(self, outputs: Dict[str, Tensor], targets: Targets,
+                      num_boxes: float) -> Tuple[Dict[str, Tensor], Indices]:
+        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+        indices = self.matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
+        losses = {
+            "loss_ce": self.loss_labels(logits, targets, indices),
+            **self.loss_boxes(boxes, targets, indices, num_boxes),
+            "cardinality_error": self.cardinality_error(logits, targets),
+        }
+        return losses, indices
+
+    def loss_labels(self, logits: Tensor, targets: Targets, indices: Indices) -> Tensor:
+        """Weighted cross-entropy of ``logits`` ``(B, Q, K+1)``; unmatched queries target no-object."""
+        batch_idx, query_idx = _matched(indices)
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[batch_idx, query_idx] = _matched_labels(targets, indices, logits.device)
+        return F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+
+    def loss_boxes(self, boxes: Tensor, targets: Targets, indices: Indices, num_boxes: float) -> Dict[str, Tensor]:
+        """L1 and GIoU losses of matched boxes ``(B, Q, 4)``, each summed and divided by ``num_boxes``."""
+        batch_idx, query_idx = _matched(indices)
+        src = boxes[batch_idx, query_idx]
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(boxes.device, torch.float32)
+        loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+        loss_giou = generalized_box_iou_loss(cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt), reduction="sum") / num_boxes
+        return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    @torch.no_grad()
+    def cardinality_error(self, logits: Tensor, targets: Targets) -> Tensor:
+        """Mean |predicted object count - target count| over images (a metric, not a loss)."""
+        predicted = (logits.argmax(-1) != self.num_classes).sum(1).float()
+        expected = torch.as_tensor([float(len(t["labels"])) for t in targets], device=logits.device)
+        return F.l1_loss(predicted, expected)
+
+    @torch.no_grad()
+    def class_error(self, logits: Tensor, targets: Targets, indices: Indices) -> Tensor:
+        """100 - top-1 accuracy (%) on matched queries (a metric); 0 when there are no targets."""
+        batch_idx, query_idx = _matched(indices)
+        labels = _matched_labels(targets, indices, logits.device)
+        if labels.numel() == 0:
+            return logits.new_zeros(())
+        correct = (logits[batch_idx, query_idx].argmax(-1) == labels).float().mean()
+        return 100.0 * (1.0 - correct)
+
+    def _check_labels(self, targets: Targets) -> None:
+        for i, t in enumerate(targets):
+            labels = t["labels"]
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(f"target labels of image {i} in the batch are {labels.tolist()}, but they must lie "
+                                 f"in [0, num_classes) = [0, {self.num_classes}); set model.num_classes to the "
+                                 f"largest category id + 1")
+
+    @staticmethod
+    def _num_boxes(targets: Targets, device: torch.device) -> float:
+        """Target boxes per process: the batch's count averaged over all processes, at least 1."""
+        count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(count)
+            count = count / dist.get_world_size()
+        return count.clamp(min=1).item()
+
+
+def _matched(indices: Indices) -> Tuple[Tensor, Tensor]:
+    """(image index, query index) of every matched prediction, concatenated over the batch."""
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    query_idx = torch.cat([src for src, _ in indices])
+    return batch_idx, query_idx
+
+
+def _matched_labels(targets: Targets, indices: Indices, device: torch.device) -> Tensor:
+    return torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)]).to(
+        device, torch.int64)

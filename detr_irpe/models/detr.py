@@ -1,0 +1,101 @@
+"""The DETR detector: backbone, transformer and the class / box prediction heads."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..structures import pad_images
+from .transformer import Transformer
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (keys ``layers.0``, ``layers.1``, ...)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class DETR(nn.Module):
+    """DEtection TRansformer: a fixed set of ``num_queries`` predictions per image.
+
+    Args:
+        backbone: a :class:`~detr_irpe.models.backbone.Joiner` (CNN + position encoding).
+        transformer: the encoder-decoder :class:`~detr_irpe.models.transformer.Transformer`.
+        num_classes: number of object classes K; the class head has K + 1 outputs, the last one
+            being "no object". (COCO checkpoints use 91: the largest category id + 1.)
+        num_queries: object queries, i.e. the maximum number of detections per image.
+        aux_loss: also return the predictions of every intermediate decoder layer.
+    """
+
+    def __init__(self, backbone: nn.Module, transformer: Transformer, num_classes: int, num_queries: int,
+                 aux_loss: bool = True):
+        super().__init__()
+        hidden_dim = transformer.d_model
+        self.backbone = backbone
+        self.transformer = transformer
+        self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.aux_loss = aux_loss
+
+    def forward(self, images: Union[Tensor, Sequence[Tensor]], mask: Optional[Tensor] = None,
+                return_attention: bool = False) -> Dict[str, object]:
+        """Predict boxes for a batch of images.
+
+        Args:
+            images: a list of normalised ``(3, H_i, W_i)`` images (padded here), or a padded
+                batch ``(B, 3, H, W)``.
+            mask: ``(B, H, W)`` bool, True on padding, for a padded batch; None = no padding.
+            return_attention: add ``"attention"`` (see ``Transformer.forward``) and the
+                feature-map size ``"feature_hw"`` to the output.
+
+        Returns:
+            ``pred_logits`` ``(B, Q, K + 1)``, ``pred_boxes`` ``(B, Q, 4)`` normalised
+            ``(cx, cy, w, h)`` relative to each image's unpadded size, and, with ``aux_loss``,
+            ``aux_outputs``: the same two entries for every decoder layer but the last.
+        """
+        images, mask = _as_batch(images, mask)
+        features, mask, pos = self.backbone(images, mask)
+        hs, _, attention = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos,
+                                            return_attention=return_attention)
+        logits = self.class_embed(hs)  # (L, B, Q, K + 1)
+        boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
+        out: Dict[str, object] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        if return_attention:
+            out["attention"] = attention
+            out["feature_hw"] = tuple(features.shape[-2:])
+        return out
+
+
+def _as_batch(images: Union[Tensor, Sequence[Tensor]], mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """A padded ``(B, 3, H, W)`` batch and its ``(B, H, W)`` mask from either accepted input form."""
+    if isinstance(images, Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"expected a padded batch (B, 3, H, W) or a list of (3, H, W) images, "
+                             f"got a tensor of shape {tuple(images.shape)}")
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
+        elif mask.shape != (images.shape[0], *images.shape[2:]):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the images "
+                             f"{tuple(images.shape)}; expected (B, H, W)")
+        return images, mask.to(torch.bool)
+    if mask is not None:
+        raise ValueError("pass mask only with a padded batch tensor; a list of images is padded here")
+    return pad_images(list(images))
