@@ -1,0 +1,259 @@
+"""COCO-format detection dataset, read with pycocotools.
+
+Works for COCO itself and for any dataset in the same format: point the config at its
+annotation json and image folder (see ``datasets/README.md``).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple, Union
+
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from .errors import AnnotationError, DatasetNotFoundError, ImageDecodeError
+
+if TYPE_CHECKING:
+    from ..config import Config, DataConfig
+
+PathLike = Union[str, Path]
+REQUIRED_KEYS = ("images", "annotations", "categories")
+SPLITS = ("train", "val")
+
+
+def check_coco_dict(data, source: PathLike) -> None:
+    """Raise ``AnnotationError`` unless ``data`` is a COCO detection dict whose references resolve."""
+    hint = "A COCO detection file is a JSON object with 'images', 'annotations' and 'categories' lists " \
+           "(like annotations/instances_val2017.json); see datasets/README.md."
+    if isinstance(data, list):
+        raise AnnotationError(f"{source} holds a JSON list, which looks like a detection results file, "
+                              f"not ground truth. {hint}")
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{source} holds a JSON {type(data).__name__}, not a COCO annotation file. {hint}")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise AnnotationError(f"{source} is not a COCO detection file: missing key(s) "
+                              f"{', '.join(repr(k) for k in missing)}. {hint}")
+    for key in REQUIRED_KEYS:
+        if not isinstance(data[key], list):
+            raise AnnotationError(f"{source}: '{key}' must be a list, got {type(data[key]).__name__}. {hint}")
+
+    for cat in data["categories"]:
+        if not isinstance(cat, dict) or "id" not in cat:
+            raise AnnotationError(f"{source}: category entry {cat!r} has no 'id'. {hint}")
+    for img in data["images"]:
+        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+            raise AnnotationError(f"{source}: image entry {img!r} needs an 'id' and a 'file_name'. {hint}")
+
+    cat_ids = {c["id"] for c in data["categories"]}
+    img_ids = {im["id"] for im in data["images"]}
+    for ann in data["annotations"]:
+        if not isinstance(ann, dict) or "bbox" not in ann or "image_id" not in ann or "category_id" not in ann:
+            raise AnnotationError(f"{source}: annotation {ann!r} needs 'image_id', 'category_id' and 'bbox'.")
+        if ann["category_id"] not in cat_ids:
+            shown = sorted(cat_ids)
+            shown = f"{shown[:20]} ..." if len(shown) > 20 else str(shown)
+            raise AnnotationError(
+                f"{source}: annotation {ann.get('id')} (image {ann['image_id']}) has category_id "
+                f"{ann['category_id']}, which is not in 'categories' (ids {shown}). "
+                f"Add the category to 'categories' or fix the annotation.")
+        if ann["image_id"] not in img_ids:
+            raise AnnotationError(f"{source}: annotation {ann.get('id')} refers to image_id {ann['image_id']}, "
+                                  f"which is not in 'images'. Add the image entry or drop the annotation.")
+
+
+def _require_annotation_file(path: Path) -> None:
+    if not path.is_file():
+        raise DatasetNotFoundError(
+            f"annotation file not found: {path}. Set data.root and data.train_annotations / "
+            f"data.val_annotations to a COCO instances json (layout in datasets/README.md).")
+
+
+def load_coco(annotation_file: PathLike) -> COCO:
+    """Read and validate a COCO detection json; returns an indexed ``pycocotools.coco.COCO``."""
+    path = Path(annotation_file)
+    _require_annotation_file(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AnnotationError(f"{path} is not valid JSON ({e}). Expected a COCO instances file "
+                              f"like annotations/instances_val2017.json.") from None
+    check_coco_dict(data, path)
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
+        coco.createIndex()
+    return coco
+
+
+def num_classes_from_annotations(annotations: Union[PathLike, COCO]) -> int:
+    """``max category id + 1`` (DETR's convention: 91 for COCO), from a json path or a loaded COCO."""
+    coco = annotations if isinstance(annotations, COCO) else load_coco(annotations)
+    cat_ids = coco.getCatIds()
+    if not cat_ids:
+        raise AnnotationError("the annotation file has no categories, so the number of classes is unknown. "
+                              "Add a 'categories' list or set model.num_classes.")
+    return max(cat_ids) + 1
+
+
+def category_names(coco: COCO) -> Dict[int, str]:
+    """Category id -> name (the id as text where a category has no name)."""
+    return {cid: str(cat.get("name", cid)) for cid, cat in coco.cats.items()}
+
+
+def normalize_target(target: dict, size: Tuple[int, int]) -> dict:
+    """Turn a transformed target into the model's format.
+
+    ``target["boxes"]`` (N, 4) absolute boxes in any ``tv_tensors.BoundingBoxes`` format become
+    plain (N, 4) float (cx, cy, w, h) in [0, 1] relative to ``size = (h, w)``; ``size`` is added.
+    """
+    out = dict(target)
+    boxes = target["boxes"]
+    fmt = boxes.format.name.lower() if isinstance(boxes, tv_tensors.BoundingBoxes) else "xyxy"
+    boxes = box_convert(boxes.as_subclass(Tensor).float(), fmt, "cxcywh")
+    h, w = size
+    out["boxes"] = boxes / torch.tensor([w, h, w, h], dtype=boxes.dtype)
+    out["size"] = torch.tensor([h, w], dtype=torch.int64)
+    return out
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO-format detection dataset.
+
+    Item ``i`` is ``(image, target)``. ``image`` is what ``transforms`` returns (with the
+    standard transforms a float ``(3, H, W)`` tensor; without transforms a uint8 one). ``target``:
+
+    - ``boxes``: (N, 4) float, normalised (cx, cy, w, h) relative to the returned image size
+    - ``labels``: (N,) int64 COCO category ids (not contiguous indices)
+    - ``image_id``: int64 scalar; ``orig_size``: (2,) int64 (h, w) of the file; ``size``: (2,) (h, w) now
+    - ``area``: (N,) float, the annotation's area in original pixels; ``iscrowd``: (N,) int64 (all 0)
+
+    Boxes are clipped to the image and degenerate ones dropped. Crowd regions are left out of the
+    targets (the evaluator reads them from the annotation file). Images without annotations are
+    kept, with ``boxes`` of shape (0, 4).
+
+    ``transforms`` is called as ``transforms(image, target)`` on a ``tv_tensors.Image`` and a target
+    whose ``boxes`` are absolute xyxy ``tv_tensors.BoundingBoxes``, and returns the same pair.
+    """
+
+    def __init__(self, image_dir: PathLike, annotation_file: PathLike,
+                 transforms: Optional[Callable] = None):
+        self.image_dir = Path(image_dir)
+        self.annotation_file = Path(annotation_file)
+        _require_annotation_file(self.annotation_file)  # both checks before the (slow) json load
+        if not self.image_dir.is_dir():
+            raise DatasetNotFoundError(
+                f"image folder not found: {self.image_dir} (images of {self.annotation_file.name}). "
+                f"Set data.root and data.train_images / data.val_images to the folder holding the images.")
+        self.coco = load_coco(self.annotation_file)
+        self.ids = sorted(self.coco.imgs)
+        if not self.ids:
+            raise AnnotationError(f"{self.annotation_file} lists no images: the dataset is empty. "
+                                  f"Add entries to 'images' or point the config at another annotation file.")
+        self.transforms = transforms
+
+    @property
+    def num_classes(self) -> int:
+        """Max category id + 1 (the model's ``num_classes``)."""
+        return num_classes_from_annotations(self.coco)
+
+    @property
+    def categories(self) -> Dict[int, str]:
+        """Category id -> name."""
+        return category_names(self.coco)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_image(self, index: int) -> tv_tensors.Image:
+        """The RGB image file of item ``index`` as a uint8 ``(3, H, W)`` tensor, untransformed."""
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        path = self.image_dir / info["file_name"]
+        if not path.is_file():
+            raise DatasetNotFoundError(
+                f"image file not found: {path} (image id {image_id}, listed in {self.annotation_file}). "
+                f"Check that data.*_images points at the right folder, or remove the image from the json.")
+        try:
+            with Image.open(path) as file:
+                image = pil_to_tensor(file.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ImageDecodeError(f"cannot decode image {path} (image id {image_id}): {e}. "
+                                   f"Replace the file or remove the image from {self.annotation_file}.") from None
+        h, w = image.shape[-2:]
+        if ("height" in info and info["height"] != h) or ("width" in info and info["width"] != w):
+            raise ImageDecodeError(
+                f"image {path} (image id {image_id}) is {w}x{h} pixels but {self.annotation_file} says "
+                f"{info.get('width')}x{info.get('height')}; its boxes would be misplaced. Fix the json or the file.")
+        return tv_tensors.Image(image)
+
+    def load_target(self, index: int, size: Tuple[int, int]) -> dict:
+        """Target of item ``index`` for an image of ``size = (h, w)``, boxes absolute xyxy."""
+        image_id = self.ids[index]
+        h, w = size
+        anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes = box_convert(boxes, "xywh", "xyxy")
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        area = [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns]
+        return {
+            "boxes": tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(h, w)),
+            "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)[keep],
+            "area": torch.tensor(area, dtype=torch.float32)[keep],
+            "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64),
+            "image_id": torch.tensor(image_id, dtype=torch.int64),
+            "orig_size": torch.tensor([h, w], dtype=torch.int64),
+        }
+
+    def __getitem__(self, index: int):
+        image = self.load_image(index)
+        target = self.load_target(index, tuple(image.shape[-2:]))
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        target = normalize_target(target, tuple(image.shape[-2:]))
+        return image.as_subclass(Tensor), target
+
+
+def resolve(root: PathLike, path: PathLike) -> Path:
+    """``path`` if absolute, else ``root / path``."""
+    path = Path(path)
+    return path if path.is_absolute() else Path(root) / path
+
+
+def build_dataset(cfg: "DataConfig", split: str, transforms: Optional[Callable] = None) -> CocoDetection:
+    """The ``train`` or ``val`` split described by ``cfg``, with its standard transforms unless given."""
+    from .transforms import make_eval_transforms, make_train_transforms
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    image_dir = resolve(cfg.root, getattr(cfg, f"{split}_images"))
+    annotation_file = resolve(cfg.root, getattr(cfg, f"{split}_annotations"))
+    if not annotation_file.is_file():
+        raise DatasetNotFoundError(
+            f"{split} annotation file not found: {annotation_file} (data.root={cfg.root!r}, "
+            f"data.{split}_annotations={getattr(cfg, f'{split}_annotations')!r}). Download COCO or point "
+            f"these keys at your own COCO-format json; see datasets/README.md.")
+    if not image_dir.is_dir():
+        raise DatasetNotFoundError(
+            f"{split} image folder not found: {image_dir} (data.root={cfg.root!r}, "
+            f"data.{split}_images={getattr(cfg, f'{split}_images')!r}). Point these keys at the folder "
+            f"holding the images; see datasets/README.md.")
+    if transforms is None:
+        transforms = make_train_transforms(cfg) if split == "train" else make_eval_transforms(cfg)
+    return CocoDetection(image_dir, annotation_file, transforms)
+
+
+def build_train_val_datasets(cfg: "Config") -> Tuple[CocoDetection, CocoDetection]:
+    """The ``train`` and ``val`` splits of ``cfg.data``, each with its standard transforms."""
+    return build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")

@@ -1,0 +1,250 @@
+"""Synthetic shapes: a small COCO-format detection dataset generated on the fly and cached.
+
+Coloured squares, circles, triangles, crosses and stars on noisy textured backgrounds, written
+as real COCO json plus JPEG files, so training and evaluation run the same code as on COCO::
+
+    root/
+      manifest.json                  generation parameters (the cache key)
+      annotations/instances_train.json
+      annotations/instances_val.json
+      train/000000.jpg ...
+      val/000000.jpg ...
+
+Every image is drawn from its own generator seeded by ``(seed, split, index)``, so the output
+is the same bytes for the same parameters, whatever order images are produced in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("square", "circle", "triangle", "cross", "star")
+GENERATOR_VERSION = 1  # bump when the drawing changes, so cached copies are regenerated
+MANIFEST = "manifest.json"
+
+MIN_SIZE, MAX_SIZE = 0.15, 0.5  # object extent as a fraction of the image side
+MAX_OVERLAP = 0.3  # a new box may cover at most this fraction of itself or of an earlier box
+PLACEMENT_TRIES = 20
+MIN_COLOR_DISTANCE = 100.0  # RGB distance between an object and the background's mean colour
+JPEG_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Everything that determines the generated files."""
+
+    num_train: int
+    num_val: int
+    image_size: int
+    seed: int
+    max_objects: int
+    shapes: Tuple[str, ...]
+    version: int = GENERATOR_VERSION
+
+
+@dataclass(frozen=True)
+class SyntheticLayout:
+    """Where a generated dataset lives; field names match ``DataConfig`` (paths relative to root).
+
+    ``generated`` says whether this call wrote the files (False: reused the cached copy).
+    """
+
+    root: str
+    train_images: str = "train"
+    train_annotations: str = "annotations/instances_train.json"
+    val_images: str = "val"
+    val_annotations: str = "annotations/instances_val.json"
+    num_classes: int = len(SHAPES) + 1
+    generated: bool = False
+
+    def config_overrides(self) -> List[str]:
+        """``data.*=...`` override strings pointing a config at this dataset."""
+        keys = ("root", "train_images", "train_annotations", "val_images", "val_annotations")
+        return [f"data.{k}={getattr(self, k)}" for k in keys]
+
+
+# --- drawing ---------------------------------------------------------------------------------
+
+def _regular_polygon(n: int, radius: float, angle: float, cx: float, cy: float) -> List[Tuple[float, float]]:
+    t = angle + 2 * math.pi * np.arange(n) / n
+    return list(zip(cx + radius * np.cos(t), cy + radius * np.sin(t)))
+
+
+def _star(radius: float, angle: float, cx: float, cy: float) -> List[Tuple[float, float]]:
+    t = angle + math.pi * np.arange(10) / 5
+    r = np.where(np.arange(10) % 2 == 0, radius, 0.45 * radius)
+    return list(zip(cx + r * np.cos(t), cy + r * np.sin(t)))
+
+
+def _cross(radius: float, angle: float, cx: float, cy: float) -> List[Tuple[float, float]]:
+    a, b = radius, 0.35 * radius  # arm half-length, arm half-width
+    pts = np.array([(b, a), (b, b), (a, b), (a, -b), (b, -b), (b, -a),
+                    (-b, -a), (-b, -b), (-a, -b), (-a, b), (-b, b), (-b, a)])
+    c, s = math.cos(angle), math.sin(angle)
+    rot = pts @ np.array([[c, s], [-s, c]])
+    return list(zip(cx + rot[:, 0], cy + rot[:, 1]))
+
+
+def _draw_shape(mask: ImageDraw.ImageDraw, shape: str, radius: float, angle: float, cx: float, cy: float) -> None:
+    """Fill ``shape`` (inscribed in the circle of ``radius`` around (cx, cy)) with 255 on ``mask``."""
+    if shape == "circle":
+        mask.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=255)
+    elif shape == "square":
+        mask.polygon(_regular_polygon(4, radius, angle, cx, cy), fill=255)
+    elif shape == "triangle":
+        mask.polygon(_regular_polygon(3, radius, angle, cx, cy), fill=255)
+    elif shape == "cross":
+        mask.polygon(_cross(radius, angle, cx, cy), fill=255)
+    elif shape == "star":
+        mask.polygon(_star(radius, angle, cx, cy), fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size, 3) float: a random colour with a smooth low-frequency texture."""
+    base = rng.uniform(30, 225, size=3)
+    coarse = rng.normal(0, 25, size=(4, 4, 3))
+    smooth = np.stack([np.asarray(Image.fromarray(coarse[..., c].astype(np.float32))
+                                  .resize((size, size), Image.BILINEAR)) for c in range(3)], axis=-1)
+    return base + smooth
+
+
+def _overlap_ok(box: Tuple[int, int, int, int], placed: Sequence[Tuple[int, int, int, int]]) -> bool:
+    x0, y0, x1, y1 = box
+    area = (x1 - x0) * (y1 - y0)
+    for u0, v0, u1, v1 in placed:
+        inter = max(0, min(x1, u1) - max(x0, u0)) * max(0, min(y1, v1) - max(y0, v0))
+        if inter > MAX_OVERLAP * area or inter > MAX_OVERLAP * (u1 - u0) * (v1 - v0):
+            return False
+    return True
+
+
+def draw_image(rng: np.random.Generator, size: int, shapes: Sequence[str],
+               max_objects: int) -> Tuple[Image.Image, List[Dict]]:
+    """One ``size`` x ``size`` RGB image and its objects ``{category_id, bbox (xywh), area}``.
+
+    1 to ``max_objects`` shapes (category id = 1 + index in ``shapes``); each box is the tight
+    box of the drawn pixels and overlaps any other by at most ``MAX_OVERLAP``.
+    """
+    background = _background(rng, size)
+    mean_colour = background.reshape(-1, 3).mean(0)
+    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
+    objects, placed = [], []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        for _ in range(PLACEMENT_TRIES):
+            label = int(rng.integers(len(shapes)))
+            radius = rng.uniform(MIN_SIZE, MAX_SIZE) * size / 2
+            cx, cy = rng.uniform(radius, size - radius, size=2)
+            mask = Image.new("L", (size, size), 0)
+            _draw_shape(ImageDraw.Draw(mask), shapes[label], radius, rng.uniform(0, 2 * math.pi), cx, cy)
+            box = mask.getbbox()
+            if box is not None and _overlap_ok(box, placed):
+                break
+        else:
+            continue  # no room for another object
+        while True:
+            colour = rng.uniform(0, 255, size=3)
+            if np.linalg.norm(colour - mean_colour) >= MIN_COLOR_DISTANCE:
+                break
+        image.paste(tuple(int(c) for c in colour), mask=mask)
+        x0, y0, x1, y1 = box
+        placed.append(box)
+        objects.append({"category_id": label + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "area": int(np.count_nonzero(np.asarray(mask)))})
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(4, 12), size=(size, size, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), objects
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def _write_split(root: Path, split: str, num_images: int, spec: SyntheticSpec) -> None:
+    image_dir = root / split
+    image_dir.mkdir(parents=True)
+    images, annotations = [], []
+    split_code = {"train": 0, "val": 1}[split]
+    for index in range(num_images):
+        rng = np.random.default_rng([spec.seed, split_code, index])
+        image, objects = draw_image(rng, spec.image_size, spec.shapes, spec.max_objects)
+        file_name = f"{index:06d}.jpg"
+        image.save(image_dir / file_name, quality=JPEG_QUALITY)
+        images.append({"id": index + 1, "file_name": file_name, "width": spec.image_size, "height": spec.image_size})
+        for obj in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "iscrowd": 0, **obj})
+    coco = {
+        "info": {"description": f"detr_irpe synthetic shapes, {split} split",
+                 "version": str(spec.version)},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(spec.shapes)],
+    }
+    (root / "annotations").mkdir(exist_ok=True)
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+
+
+def _manifest(spec: SyntheticSpec, complete: bool) -> str:
+    return json.dumps({**dataclasses.asdict(spec), "shapes": list(spec.shapes), "complete": complete}, indent=2)
+
+
+def _is_cached(root: Path, spec: SyntheticSpec, layout: SyntheticLayout) -> bool:
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest != json.loads(_manifest(spec, complete=True)):
+        return False
+    for split, count in (("train", spec.num_train), ("val", spec.num_val)):
+        if not (root / getattr(layout, f"{split}_annotations")).is_file():
+            return False
+        image_dir = root / getattr(layout, f"{split}_images")
+        if not image_dir.is_dir() or sum(1 for _ in image_dir.iterdir()) != count:
+            return False
+    return True
+
+
+def ensure_synthetic_dataset(root: Union[str, Path], num_train: int = 2000, num_val: int = 200,
+                             image_size: int = 128, seed: int = 0, *, max_objects: int = 6,
+                             shapes: Sequence[str] = SHAPES) -> SyntheticLayout:
+    """Generate the synthetic shapes dataset under ``root``, or reuse it if already there.
+
+    A copy is reused when its manifest records the same parameters; otherwise (different
+    parameters, an interrupted run) its files are removed and regenerated. A ``root`` that
+    holds other files but no manifest is refused rather than overwritten. Not safe to call from
+    several processes at once: under DDP call it on rank 0, then barrier.
+    """
+    shapes = tuple(shapes)
+    if not shapes or any(s not in SHAPES for s in shapes) or len(set(shapes)) != len(shapes):
+        raise ValueError(f"shapes must be distinct names from {SHAPES}, got {shapes}")
+    if num_train < 1 or num_val < 1:
+        raise ValueError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
+    if max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    spec = SyntheticSpec(num_train, num_val, image_size, seed, max_objects, shapes)
+    root = Path(root)
+    layout = SyntheticLayout(root=str(root), num_classes=len(shapes) + 1)
+    if _is_cached(root, spec, layout):
+        return layout
+
+    if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
+        raise FileExistsError(f"{root} already holds files that are not a synthetic dataset (no {MANIFEST}); "
+                              f"choose an empty or new folder for the synthetic data.")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST).write_text(_manifest(spec, complete=False))
+    for name in ("train", "val"):
+        shutil.rmtree(root / name, ignore_errors=True)
+        (root / "annotations" / f"instances_{name}.json").unlink(missing_ok=True)
+    _write_split(root, "train", num_train, spec)
+    _write_split(root, "val", num_val, spec)
+    (root / MANIFEST).write_text(_manifest(spec, complete=True))  # last: marks the copy complete
+    return dataclasses.replace(layout, generated=True)

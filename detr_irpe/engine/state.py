@@ -1,0 +1,100 @@
+"""Saving training state: atomic writes, rolling and best checkpoints, RNG states for exact resume."""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+
+    A crash while writing leaves the previous file at ``path`` intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def capture_rng() -> dict:
+    """RNG states of torch (CPU and CUDA), numpy and Python, as tensors/plain types (weights_only-safe)."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Optional[dict]) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_plain_to_numpy_state(state["numpy"]))
+    random.setstate(_plain_to_python_state(state["python"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state_to_plain(st):
+    name, keys, pos, has_gauss, gauss = st
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _plain_to_numpy_state(d):
+    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["gauss"])
+
+
+def _python_state_to_plain(st):
+    version, internal, gauss = st
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _plain_to_python_state(d):
+    return (d["version"], tuple(int(x) for x in d["internal"].tolist()), d["gauss"])
+
+
+class CheckpointKeeper:
+    """Writes ``checkpoint.pth`` (latest), ``checkpoint_epochNNNN.pth`` (the last ``keep_last``) and
+    ``checkpoint_best.pth`` (highest AP) into ``output_dir``."""
+
+    def __init__(self, output_dir, keep_last: int = 3):
+        self.output_dir = Path(output_dir)
+        self.keep_last = keep_last
+
+    @property
+    def latest(self) -> Path:
+        return self.output_dir / "checkpoint.pth"
+
+    @property
+    def best(self) -> Path:
+        return self.output_dir / "checkpoint_best.pth"
+
+    def save(self, state: dict, epoch_end: bool = False, is_best: bool = False) -> Path:
+        atomic_save(state, self.latest)
+        if epoch_end and self.keep_last > 0:
+            atomic_save(state, self.output_dir / f"checkpoint_epoch{state['epoch']:04d}.pth")
+            rolling = sorted(self.output_dir.glob("checkpoint_epoch*.pth"))
+            for old in rolling[: max(len(rolling) - self.keep_last, 0)]:
+                old.unlink(missing_ok=True)
+        if is_best:
+            atomic_save(state, self.best)
+        return self.latest

@@ -1,0 +1,325 @@
+"""The training loop: AdamW, step LR, gradient clipping, autocast, checkpoints, exact resume, DDP."""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..config import Config, save_config
+from ..data import build_train_val_datasets, make_loader
+from ..models import build_detr
+from . import distributed as du
+from .checkpoint import load_checkpoint_file, load_for_finetuning, state_dict_from_checkpoint
+from .evaluate import evaluate
+from .logger import JsonlWriter, MetricLogger
+from .state import CheckpointKeeper, capture_rng, restore_rng
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; names the iteration and the offending terms."""
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW with two groups: the backbone at ``lr_backbone`` and everything else at ``lr``."""
+    backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
+    groups = [{"params": rest, "lr": cfg.lr, "name": "transformer"}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr_backbone, "name": "backbone"})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def autocast_context(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(images, masks, targets, device):
+    images = images.to(device, non_blocking=True)
+    masks = masks.to(device, non_blocking=True)
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return images, masks, targets
+
+
+class StopRequest:
+    """Turns SIGTERM / SIGINT into a flag checked at iteration boundaries (preemption-safe)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        if du.is_main_process():
+            print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the next iteration boundary",
+                  flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def agreed(self, device) -> bool:
+        """True if any process was asked to stop (so all ranks stop at the same iteration)."""
+        if not du.is_distributed():
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        torch.distributed.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+
+def weighted_loss(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float]) -> torch.Tensor:
+    return sum(loss_dict[k] * w for k, w in weight_dict.items() if k in loss_dict)
+
+
+def check_finite(loss: torch.Tensor, loss_dict: Dict[str, torch.Tensor], weight_dict, where: str) -> Optional[str]:
+    """None if the loss is finite, else a message naming the offending terms."""
+    if torch.isfinite(loss):
+        return None
+    bad = [f"{k}={float(v):.4g}" for k, v in loss_dict.items() if k in weight_dict and not torch.isfinite(v)]
+    return (f"non-finite loss ({float(loss)}) at {where}; offending terms: {', '.join(bad) or 'the weighted sum'}. "
+            f"Lower train.lr, check the data (tools/check_data.py) or set train.skip_nonfinite=true to skip such batches")
+
+
+class Trainer:
+    """Holds everything a run needs; ``fit()`` trains, evaluates and checkpoints.
+
+    Build it from a validated :class:`Config`. ``resume`` is a checkpoint path written by this
+    trainer (``output_dir/checkpoint.pth``): model, optimizer, scheduler, epoch, position in the
+    epoch and RNG states are restored, so the continued run equals an uninterrupted one.
+    """
+
+    def __init__(self, cfg: Config, resume: Optional[str] = None, quiet: bool = False):
+        self.cfg = cfg
+        self.quiet = quiet or not du.is_main_process()
+        t = cfg.train
+        self.device = du.init_distributed(t.device)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(t.seed + du.get_rank())
+        self.output_dir = Path(t.output_dir)
+        if du.is_main_process():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+
+        self.train_set, self.val_set = build_train_val_datasets(cfg)
+        if cfg.model.num_classes is None:
+            cfg.model.num_classes = self.train_set.num_classes
+            self._say(f"num_classes from {cfg.data.train_annotations}: {cfg.model.num_classes}")
+        self.model, self.criterion, self.postprocessor = build_detr(cfg.model)
+        self.model.to(self.device)
+        self.criterion.to(self.device)
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=t.lr_drop, gamma=0.1)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best_ap = -1.0
+        self.history: List[dict] = []
+
+        if resume:
+            self._resume(resume)
+        elif t.pretrained:
+            report = load_for_finetuning(self.model, state_dict_from_checkpoint(load_checkpoint_file(t.pretrained)))
+            self._say(f"initialised from {t.pretrained}: {report}")
+
+        self.ddp_model = self.model
+        if du.is_distributed():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.keeper = CheckpointKeeper(self.output_dir, keep_last=t.keep_last)
+        self.log = JsonlWriter(self.output_dir / "log.jsonl", enabled=du.is_main_process())
+        if du.is_main_process():
+            save_config(cfg, self.output_dir / "config.yaml")
+
+    def _say(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+    # ----------------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_ap": self.best_ap,
+            "config": self.cfg.to_dict(),
+            "categories": self.train_set.categories,
+            "rng": capture_rng(),
+        }
+
+    def save(self, epoch_end: bool = False, is_best: bool = False) -> None:
+        if du.is_main_process():
+            self.keeper.save(self.state(), epoch_end=epoch_end, is_best=is_best)
+        du.barrier()
+
+    def _resume(self, path: str) -> None:
+        ckpt = load_checkpoint_file(path)
+        for key in ("model", "optimizer", "lr_scheduler", "epoch"):
+            if key not in ckpt:
+                raise ValueError(f"{path} is not a training checkpoint of this project (no '{key}'); "
+                                 f"to start from its weights use train.pretrained={path}")
+        from .checkpoint import load_model_weights
+
+        load_model_weights(self.model, ckpt["model"], strict=True, source=str(path))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch = ckpt["epoch"]
+        self.step_in_epoch = ckpt.get("step_in_epoch", 0)
+        self.global_step = ckpt.get("global_step", 0)
+        self.best_ap = ckpt.get("best_ap", -1.0)
+        restore_rng(ckpt.get("rng"))
+        self._apply_new_lr(ckpt.get("config", {}).get("train", {}))
+        self._say(f"resumed from {path}: epoch {self.epoch}, iteration {self.step_in_epoch} of the epoch")
+
+    def _apply_new_lr(self, saved_train: dict) -> None:
+        """A learning rate given now (config or command line) wins over the checkpoint's."""
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            is_backbone = group.get("name") == "backbone"
+            key = "lr_backbone" if is_backbone else "lr"
+            new, old = getattr(t, key), saved_train.get(key)
+            if old is not None and not math.isclose(new, old):
+                decay = 0.1 ** (self.scheduler.last_epoch // t.lr_drop)
+                group["initial_lr"] = new
+                group["lr"] = new * decay
+                self._say(f"train.{key}={new:g} overrides the checkpoint's {old:g} "
+                          f"(current {key} after the schedule: {group['lr']:g})")
+        self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+
+    # ----------------------------------------------------------------- loops
+    def _train_loader(self):
+        loader = make_loader(self.train_set, self.cfg.train.batch_size, train=True, num_workers=self.cfg.data.num_workers,
+                             seed=self.cfg.train.seed)
+        loader.batch_sampler.sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.cfg.train.batch_size)
+        return loader
+
+    def train_one_epoch(self, stop: StopRequest) -> Dict[str, float]:
+        t = self.cfg.train
+        self.ddp_model.train()
+        self.criterion.train()
+        loader = self._train_loader()
+        total = len(loader) + self.step_in_epoch
+        if t.max_iters_per_epoch:
+            total = min(total, t.max_iters_per_epoch)
+        metrics = MetricLogger()
+        bar = tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {self.epoch}", disable=self.quiet,
+                   dynamic_ncols=True, leave=False)
+        start = time.time()
+        for images, masks, targets in loader:
+            if self.step_in_epoch >= total:
+                break
+            if stop.agreed(self.device):
+                bar.close()
+                return {"stopped": True}
+            images, masks, targets = to_device(images, masks, targets, self.device)
+            with autocast_context(self.device, t.amp):
+                outputs = self.ddp_model(images, masks)
+            loss_dict = self.criterion(outputs, targets)
+            loss = weighted_loss(loss_dict, self.criterion.weight_dict)
+            problem = check_finite(loss, loss_dict, self.criterion.weight_dict,
+                                   f"epoch {self.epoch}, iteration {self.step_in_epoch} (global step {self.global_step})")
+            if problem is not None:
+                if not t.skip_nonfinite:
+                    raise NonFiniteLossError(problem)
+                self._say("skipping batch: " + problem)
+                self.optimizer.zero_grad(set_to_none=True)
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if t.clip_max_norm > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_max_norm)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            self.step_in_epoch += 1
+            self.global_step += 1
+            logged = du.reduce_dict({k: v for k, v in loss_dict.items() if v.dim() == 0})
+            metrics.update(loss=float(loss) if problem is None else None, **{k: float(v) for k, v in logged.items()})
+            bar.update(1)
+            if self.global_step % max(t.log_every, 1) == 0 or self.step_in_epoch == total:
+                recent = metrics.recent("loss", "class_error")
+                bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()},
+                                refresh=False)
+        bar.close()
+        elapsed = time.time() - start
+        stats = metrics.averages()
+        stats["iterations"] = self.step_in_epoch
+        stats["seconds"] = elapsed
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        return stats
+
+    def evaluate(self, output_dir: Optional[Path] = None) -> Dict[str, float]:
+        return evaluate(self.model, self.postprocessor, self.val_set, self.device,
+                        batch_size=self.cfg.train.batch_size, num_workers=self.cfg.data.num_workers,
+                        output_dir=output_dir or self.output_dir, amp=self.cfg.train.amp, quiet=self.quiet)
+
+    def fit(self) -> dict:
+        """Train ``cfg.train.epochs`` epochs (from where a resume left off). Returns the last metrics."""
+        t = self.cfg.train
+        last_eval: dict = {}
+        with StopRequest() as stop:
+            while self.epoch < t.epochs:
+                stats = self.train_one_epoch(stop)
+                if stats.get("stopped"):
+                    self.save()
+                    self._say(f"stopped at epoch {self.epoch}, iteration {self.step_in_epoch}; "
+                              f"checkpoint saved to {self.keeper.latest}. Continue with --resume {self.keeper.latest}")
+                    return {"stopped": True, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+                finished = self.epoch
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self.scheduler.step()
+                record = {"epoch": finished, **{f"train_{k}": v for k, v in stats.items()}}
+                is_best = False
+                if (t.eval_every and self.epoch % t.eval_every == 0) or self.epoch == t.epochs:
+                    last_eval = self.evaluate()
+                    record.update({f"val_{k}": v for k, v in last_eval.items() if isinstance(v, (int, float))})
+                    ap = last_eval.get("AP", -1.0)
+                    is_best = ap > self.best_ap
+                    self.best_ap = max(self.best_ap, ap)
+                self.log.write(record)
+                self.history.append(record)
+                self.save(epoch_end=True, is_best=is_best)
+                self._say(_epoch_line(record))
+        du.cleanup_distributed()
+        return last_eval
+
+
+def _epoch_line(record: dict) -> str:
+    parts = [f"epoch {record['epoch']}", f"loss {record.get('train_loss', float('nan')):.4f}"]
+    if "train_class_error" in record:
+        parts.append(f"class_error {record['train_class_error']:.1f}")
+    if "val_AP" in record:
+        parts.append(f"AP {record['val_AP']:.3f}  AP50 {record['val_AP50']:.3f}")
+    parts.append(f"{record.get('train_seconds', 0):.0f}s")
+    return " | ".join(parts)
+
+
+def train(cfg: Config, resume: Optional[str] = None) -> dict:
+    """Train with ``cfg`` (optionally resuming); returns the final evaluation metrics."""
+    return Trainer(cfg, resume=resume).fit()

@@ -1,0 +1,166 @@
+"""COCO box AP with pycocotools, over detections gathered from every process."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_convert
+
+# The 12 numbers of COCOeval.summarize() for boxes, in its order.
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def to_coco_results(image_id: int, prediction: Mapping) -> List[dict]:
+    """One image's ``{scores (N,), labels (N,), boxes (N, 4) absolute xyxy}`` -> COCO result dicts (xywh)."""
+    boxes = torch.as_tensor(prediction["boxes"], dtype=torch.float32).detach().cpu().reshape(-1, 4)
+    boxes = box_convert(boxes, "xyxy", "xywh").tolist()
+    scores = torch.as_tensor(prediction["scores"]).detach().cpu().reshape(-1).tolist()
+    labels = torch.as_tensor(prediction["labels"]).detach().cpu().reshape(-1).tolist()
+    if not len(boxes) == len(scores) == len(labels):
+        raise ValueError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores and {len(labels)} labels; "
+                         f"each detection needs one of each")
+    return [{"image_id": image_id, "category_id": int(label), "bbox": box, "score": float(score)}
+            for box, score, label in zip(boxes, scores, labels)]
+
+
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` when not running distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def per_class_ap(coco_eval: COCOeval, names: Mapping[int, str]) -> Dict[str, float]:
+    """AP@[.5:.95] per category (all areas, 100 detections), for categories with ground truth.
+
+    ``coco_eval`` must have been accumulated. Categories without ground truth in the evaluated
+    images have no AP (pycocotools marks them -1) and are left out.
+    """
+    precision = coco_eval.eval["precision"]  # (iou thresholds, recall thresholds, classes, areas, max dets)
+    out = {}
+    for k, cat_id in enumerate(coco_eval.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        if p.size:
+            out[names.get(cat_id, str(cat_id))] = float(np.mean(p))
+    return out
+
+
+def format_per_class(per_class: Mapping[str, float], columns: int = 3) -> str:
+    """A compact table: ``columns`` (name, AP) pairs per row."""
+    if not per_class:
+        return "per-class AP: no category has ground truth in the evaluated images"
+    width = max(len(name) for name in per_class)
+    cells = [f"{name:<{width}} {ap:6.3f}" for name, ap in per_class.items()]
+    rows = ["   ".join(cells[i:i + columns]) for i in range(0, len(cells), columns)]
+    return "per-class AP @[IoU=0.50:0.95 | area=all | maxDets=100]\n" + "\n".join(rows)
+
+
+class CocoEvaluator:
+    """Collects detections during evaluation and scores them with ``COCOeval`` (bbox).
+
+    Usage: ``update()`` with each batch's predictions, ``synchronize()`` once at the end (on
+    every process, it gathers detections under DDP), then ``summarize()`` on the main process.
+    Only the images passed to ``update()`` are evaluated, so a partial pass over the dataset
+    gives metrics for that part.
+    """
+
+    def __init__(self, coco_gt: COCO):
+        self.coco_gt = coco_gt
+        self.detections: Dict[int, List[dict]] = {}  # image id -> COCO results of that image
+        self.coco_eval: Optional[COCOeval] = None
+        self.metrics: Optional[Dict] = None
+
+    def update(self, predictions: Mapping[int, Mapping]) -> None:
+        """Add ``{image_id: {scores (N,), labels (N,) category ids, boxes (N, 4) xyxy}}``.
+
+        Boxes are absolute pixels of the original image. An image seen again replaces its
+        earlier detections.
+        """
+        for image_id, prediction in predictions.items():
+            image_id = int(image_id)
+            if image_id not in self.coco_gt.imgs:
+                raise ValueError(f"image id {image_id} is not in the ground-truth annotations; predictions must "
+                                 f"be keyed by the dataset's image ids (target['image_id'])")
+            self.detections[image_id] = to_coco_results(image_id, prediction)
+
+    def synchronize(self) -> None:
+        """Merge the detections of every process into each (DDP); duplicates of an image collapse."""
+        merged: Dict[int, List[dict]] = {}
+        for part in all_gather_object(self.detections):
+            merged.update(part)
+        self.detections = merged
+
+    @property
+    def image_ids(self) -> List[int]:
+        return sorted(self.detections)
+
+    def results(self) -> List[dict]:
+        """Every detection in COCO results format, ordered by image id."""
+        return [det for image_id in self.image_ids for det in self.detections[image_id]]
+
+    def summarize(self, output_dir: Optional[Union[str, Path]] = None, verbose: bool = True) -> Dict:
+        """Run COCOeval and return ``{AP, AP50, ..., ARl, per_class_AP: {name: AP}}``.
+
+        pycocotools reports -1 for an area range with no ground truth. With no detections at
+        all every number is 0. ``verbose`` prints pycocotools' table and a per-class table;
+        ``output_dir`` receives ``detections.json`` (COCO results) and ``metrics.json``.
+        """
+        results = self.results()
+        names = {cid: str(cat.get("name", cid)) for cid, cat in self.coco_gt.cats.items()}
+        if results:
+            metrics, table = self._evaluate(results, names)
+        else:
+            metrics, table = self._zeros(names)
+        if verbose:
+            print(table)
+            print(format_per_class(metrics["per_class_AP"]))
+        self.metrics = metrics
+        if output_dir is not None:
+            self.write(output_dir)
+        return metrics
+
+    def write(self, output_dir: Union[str, Path]) -> None:
+        """Write ``detections.json`` (COCO results format) and ``metrics.json`` into ``output_dir``."""
+        if self.metrics is None:
+            self.summarize(verbose=False)
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "detections.json").write_text(json.dumps(self.results()))
+        (output_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+
+    def _evaluate(self, results: List[dict], names: Mapping[int, str]):
+        with contextlib.redirect_stdout(io.StringIO()):  # progress lines
+            # loadRes adds keys to the dicts it is given; keep ours as written to detections.json
+            coco_dt = self.coco_gt.loadRes([dict(r) for r in results])
+            coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
+            coco_eval.params.imgIds = self.image_ids
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+        table = io.StringIO()
+        with contextlib.redirect_stdout(table):
+            coco_eval.summarize()
+        self.coco_eval = coco_eval
+        metrics = {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
+        metrics["per_class_AP"] = per_class_ap(coco_eval, names)
+        return metrics, table.getvalue().rstrip()
+
+    def _zeros(self, names: Mapping[int, str]):
+        # (getAnnIds with an empty imgIds list would return every annotation)
+        ann_ids = self.coco_gt.getAnnIds(imgIds=self.image_ids, iscrowd=False) if self.image_ids else []
+        cat_ids = sorted({ann["category_id"] for ann in self.coco_gt.loadAnns(ann_ids)})
+        metrics = {name: 0.0 for name in METRIC_NAMES}
+        metrics["per_class_AP"] = {names.get(c, str(c)): 0.0 for c in cat_ids}
+        table = (f"CocoEvaluator: no detections on the {len(self.image_ids)} evaluated image(s); "
+                 f"every metric is 0.")
+        return metrics, table
