@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset
@@ -45,12 +46,13 @@ def build_dataloader(dataset: Dataset, batch_size: int, train: bool, num_workers
         raise ValueError(
             f"the training set has {len(sampler)} image(s) per process, fewer than batch_size={batch_size}: "
             f"with drop_last there would be no batch at all. Lower train.batch_size or add images.")
+    # A private generator: creating an iterator draws a worker base seed from it, which would
+    # otherwise shift the global RNG (dropout) and break exact resume. Samples are seeded by
+    # SeededDataset anyway.
     return DataLoader(SeededDataset(dataset), batch_sampler=BatchSampler(sampler, batch_size, drop_last=train),
                       collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
-
-make_loader = build_dataloader  # the name the engine uses
 
 
 def set_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:

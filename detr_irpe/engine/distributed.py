@@ -76,3 +76,16 @@ def broadcast_object(obj):
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+@torch.no_grad()
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (e.g. BatchNorm running statistics) to every process.
+
+    DDP broadcasts buffers at the start of each training forward, so after the last step each
+    rank holds the statistics of its own last batch; evaluating (or saving) without this sync
+    would use different models on different ranks.
+    """
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data import make_loader
+from ..data import build_dataloader
 from ..evaluation import CocoEvaluator
 from . import distributed as du
 
@@ -24,7 +24,7 @@ def predict_dataset(model: nn.Module, postprocessor: nn.Module, dataset, device:
     from .train import autocast_context, to_device  # shared helpers of the training loop
 
     model.eval()
-    loader = make_loader(dataset, batch_size, train=False, num_workers=num_workers)
+    loader = build_dataloader(dataset, batch_size, train=False, num_workers=num_workers)
     detections: Dict[int, dict] = {}
     for images, masks, targets in tqdm(loader, desc="eval", disable=quiet or not du.is_main_process(),
                                        leave=False, dynamic_ncols=True):

@@ -1,4 +1,4 @@
-"""The training loop: AdamW, step LR, gradient clipping, autocast, checkpoints, exact resume, DDP."""
+"""The training loop: AdamW, step or cosine LR, gradient clipping, autocast, checkpoints, exact resume, DDP."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import Config, save_config
-from ..data import build_train_val_datasets, make_loader
+from ..data import build_dataloader, build_train_val_datasets, set_epoch
 from ..models import build_detr
 from . import distributed as du
 from .checkpoint import load_checkpoint_file, load_for_finetuning, state_dict_from_checkpoint
@@ -34,6 +34,27 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     if backbone:
         groups.append({"params": backbone, "lr": cfg.lr_backbone, "name": "backbone"})
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, iters_per_epoch: int):
+    """The learning-rate schedule of ``cfg`` (a ``TrainConfig``) and whether it steps every iteration.
+
+    ``lr_schedule=step`` without warmup is DETR's ``StepLR`` (divide by 10 at epoch ``lr_drop``),
+    stepped once per epoch. Warmup or ``lr_schedule=cosine`` give a per-iteration ``LambdaLR``:
+    linear warmup over ``warmup_iters``, then the step drop at iteration ``lr_drop * iters_per_epoch``
+    or a cosine decay to 0 over all ``epochs * iters_per_epoch`` iterations.
+    """
+    if cfg.lr_schedule == "step" and cfg.warmup_iters == 0:
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=0.1), False
+    total = max(cfg.epochs * iters_per_epoch, 1)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_iters) if cfg.warmup_iters else 1.0
+        if cfg.lr_schedule == "cosine":
+            return warm * 0.5 * (1.0 + math.cos(math.pi * min(step / total, 1.0)))
+        return warm * 0.1 ** (step // max(cfg.lr_drop * iters_per_epoch, 1))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -88,10 +109,6 @@ class StopRequest:
         return bool(flag.item() > 0)
 
 
-def weighted_loss(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float]) -> torch.Tensor:
-    return sum(loss_dict[k] * w for k, w in weight_dict.items() if k in loss_dict)
-
-
 def check_finite(loss: torch.Tensor, loss_dict: Dict[str, torch.Tensor], weight_dict, where: str) -> Optional[str]:
     """None if the loss is finite, else a message naming the offending terms."""
     if torch.isfinite(loss):
@@ -129,7 +146,10 @@ class Trainer:
         self.model.to(self.device)
         self.criterion.to(self.device)
         self.optimizer = build_optimizer(self.model, t)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=t.lr_drop, gamma=0.1)
+        self.iters_per_epoch = len(self._train_loader())
+        if t.max_iters_per_epoch:
+            self.iters_per_epoch = min(self.iters_per_epoch, t.max_iters_per_epoch)
+        self.scheduler, self.step_lr_every_iteration = build_scheduler(self.optimizer, t, self.iters_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_ap = -1.0
@@ -171,6 +191,7 @@ class Trainer:
         }
 
     def save(self, epoch_end: bool = False, is_best: bool = False) -> None:
+        du.sync_buffers(self.model)
         if du.is_main_process():
             self.keeper.save(self.state(), epoch_end=epoch_end, is_best=is_best)
         du.barrier()
@@ -204,7 +225,10 @@ class Trainer:
             key = "lr_backbone" if is_backbone else "lr"
             new, old = getattr(t, key), saved_train.get(key)
             if old is not None and not math.isclose(new, old):
-                decay = 0.1 ** (self.scheduler.last_epoch // t.lr_drop)
+                if self.step_lr_every_iteration:
+                    decay = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+                else:
+                    decay = 0.1 ** (self.scheduler.last_epoch // t.lr_drop)
                 group["initial_lr"] = new
                 group["lr"] = new * decay
                 self._say(f"train.{key}={new:g} overrides the checkpoint's {old:g} "
@@ -213,12 +237,15 @@ class Trainer:
 
     # ----------------------------------------------------------------- loops
     def _train_loader(self):
-        loader = make_loader(self.train_set, self.cfg.train.batch_size, train=True, num_workers=self.cfg.data.num_workers,
-                             seed=self.cfg.train.seed)
-        loader.batch_sampler.sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.cfg.train.batch_size)
+        t = self.cfg.train
+        loader = build_dataloader(self.train_set, t.batch_size, train=True, num_workers=self.cfg.data.num_workers,
+                                  seed=t.seed)
+        set_epoch(loader, self.epoch, start=self.step_in_epoch * t.batch_size)
         return loader
 
-    def train_one_epoch(self, stop: StopRequest) -> Dict[str, float]:
+    def train_one_epoch(self, stop: StopRequest, deadline: Optional[float] = None) -> Dict[str, float]:
+        """One epoch (or the rest of it). Stops early, with ``out_of_time`` in the stats, once
+        ``time.time()`` passes ``deadline``."""
         t = self.cfg.train
         self.ddp_model.train()
         self.criterion.train()
@@ -230,8 +257,12 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {self.epoch}", disable=self.quiet,
                    dynamic_ncols=True, leave=False)
         start = time.time()
+        out_of_time = False
         for images, masks, targets in loader:
             if self.step_in_epoch >= total:
+                break
+            if deadline is not None and self._agree(time.time() >= deadline):
+                out_of_time = True
                 break
             if stop.agreed(self.device):
                 bar.close()
@@ -240,7 +271,7 @@ class Trainer:
             with autocast_context(self.device, t.amp):
                 outputs = self.ddp_model(images, masks)
             loss_dict = self.criterion(outputs, targets)
-            loss = weighted_loss(loss_dict, self.criterion.weight_dict)
+            loss = self.criterion.weighted_loss(loss_dict)
             problem = check_finite(loss, loss_dict, self.criterion.weight_dict,
                                    f"epoch {self.epoch}, iteration {self.step_in_epoch} (global step {self.global_step})")
             if problem is not None:
@@ -256,10 +287,12 @@ class Trainer:
                     nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_max_norm)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+            if self.step_lr_every_iteration:
+                self.scheduler.step()
             self.step_in_epoch += 1
             self.global_step += 1
-            logged = du.reduce_dict({k: v for k, v in loss_dict.items() if v.dim() == 0})
-            metrics.update(loss=float(loss) if problem is None else None, **{k: float(v) for k, v in logged.items()})
+            logged = du.reduce_dict({k: v.detach() for k, v in loss_dict.items() if v.dim() == 0})
+            metrics.update(loss=loss.item() if problem is None else None, **{k: float(v) for k, v in logged.items()})
             bar.update(1)
             if self.global_step % max(t.log_every, 1) == 0 or self.step_in_epoch == total:
                 recent = metrics.recent("loss", "class_error")
@@ -271,9 +304,20 @@ class Trainer:
         stats["iterations"] = self.step_in_epoch
         stats["seconds"] = elapsed
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        if out_of_time:
+            stats["out_of_time"] = True
         return stats
 
+    def _agree(self, flag: bool) -> bool:
+        """True on every process if ``flag`` is True on any (so all ranks stop together)."""
+        if not du.is_distributed():
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(value)
+        return bool(value.item() > 0)
+
     def evaluate(self, output_dir: Optional[Path] = None) -> Dict[str, float]:
+        du.sync_buffers(self.model)
         return evaluate(self.model, self.postprocessor, self.val_set, self.device,
                         batch_size=self.cfg.train.batch_size, num_workers=self.cfg.data.num_workers,
                         output_dir=output_dir or self.output_dir, amp=self.cfg.train.amp, quiet=self.quiet)
@@ -282,9 +326,10 @@ class Trainer:
         """Train ``cfg.train.epochs`` epochs (from where a resume left off). Returns the last metrics."""
         t = self.cfg.train
         last_eval: dict = {}
+        deadline = time.time() + 60.0 * t.max_minutes if t.max_minutes else None
         with StopRequest() as stop:
             while self.epoch < t.epochs:
-                stats = self.train_one_epoch(stop)
+                stats = self.train_one_epoch(stop, deadline)
                 if stats.get("stopped"):
                     self.save()
                     self._say(f"stopped at epoch {self.epoch}, iteration {self.step_in_epoch}; "
@@ -293,10 +338,14 @@ class Trainer:
                 finished = self.epoch
                 self.epoch += 1
                 self.step_in_epoch = 0
-                self.scheduler.step()
+                if not self.step_lr_every_iteration:
+                    self.scheduler.step()
+                out_of_time = stats.pop("out_of_time", False)
                 record = {"epoch": finished, **{f"train_{k}": v for k, v in stats.items()}}
+                if out_of_time:
+                    record["out_of_time"] = True
                 is_best = False
-                if (t.eval_every and self.epoch % t.eval_every == 0) or self.epoch == t.epochs:
+                if (t.eval_every and self.epoch % t.eval_every == 0) or self.epoch == t.epochs or out_of_time:
                     last_eval = self.evaluate()
                     record.update({f"val_{k}": v for k, v in last_eval.items() if isinstance(v, (int, float))})
                     ap = last_eval.get("AP", -1.0)
@@ -306,6 +355,10 @@ class Trainer:
                 self.history.append(record)
                 self.save(epoch_end=True, is_best=is_best)
                 self._say(_epoch_line(record))
+                if out_of_time:
+                    self._say(f"train.max_minutes={t.max_minutes:g} spent: stopped after {self.global_step} iterations "
+                              f"(epoch {finished} cut short at iteration {stats['iterations']})")
+                    break
         du.cleanup_distributed()
         return last_eval
 
