@@ -113,8 +113,8 @@ def check_finite(loss: torch.Tensor, loss_dict: Dict[str, torch.Tensor], weight_
     """None if the loss is finite, else a message naming the offending terms."""
     if torch.isfinite(loss):
         return None
-    bad = [f"{k}={float(v):.4g}" for k, v in loss_dict.items() if k in weight_dict and not torch.isfinite(v)]
-    return (f"non-finite loss ({float(loss)}) at {where}; offending terms: {', '.join(bad) or 'the weighted sum'}. "
+    bad = [f"{k}={float(v.detach()):.4g}" for k, v in loss_dict.items() if k in weight_dict and not torch.isfinite(v)]
+    return (f"non-finite loss ({float(loss.detach())}) at {where}; offending terms: {', '.join(bad) or 'the weighted sum'}. "
             f"Lower train.lr, check the data (tools/check_data.py) or set train.skip_nonfinite=true to skip such batches")
 
 
@@ -146,7 +146,7 @@ class Trainer:
         self.model.to(self.device)
         self.criterion.to(self.device)
         self.optimizer = build_optimizer(self.model, t)
-        self.iters_per_epoch = len(self._train_loader())
+        self.iters_per_epoch = len(build_dataloader(self.train_set, t.batch_size, train=True))  # per process
         if t.max_iters_per_epoch:
             self.iters_per_epoch = min(self.iters_per_epoch, t.max_iters_per_epoch)
         self.scheduler, self.step_lr_every_iteration = build_scheduler(self.optimizer, t, self.iters_per_epoch)
@@ -261,9 +261,6 @@ class Trainer:
         for images, masks, targets in loader:
             if self.step_in_epoch >= total:
                 break
-            if deadline is not None and self._agree(time.time() >= deadline):
-                out_of_time = True
-                break
             if stop.agreed(self.device):
                 bar.close()
                 return {"stopped": True}
@@ -294,6 +291,9 @@ class Trainer:
             logged = du.reduce_dict({k: v.detach() for k, v in loss_dict.items() if v.dim() == 0})
             metrics.update(loss=loss.item() if problem is None else None, **{k: float(v) for k, v in logged.items()})
             bar.update(1)
+            if deadline is not None and self.step_in_epoch < total and self._agree(time.time() >= deadline):
+                out_of_time = True
+                break
             if self.global_step % max(t.log_every, 1) == 0 or self.step_in_epoch == total:
                 recent = metrics.recent("loss", "class_error")
                 bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()},
