@@ -1,0 +1,16 @@
+"""Pictures of a detector: boxes on images, attention maps, learned iRPE tables, training curves.
+
+* :mod:`.boxes` — predicted / ground-truth boxes with class names and scores, panels with titles.
+* :mod:`.forward` — one forward pass on one image, keeping what the pictures need.
+* :mod:`.attention` — encoder self-attention of a pixel, decoder cross-attention per detection.
+* :mod:`.rpe_tables` — the learned iRPE lookup tables of every encoder layer (matplotlib).
+* :mod:`.curves` — losses, class error and AP over epochs from ``log.jsonl`` files (matplotlib).
+* :mod:`.commands` — from a checkpoint / log file to PNG files: what ``tools/visualize.py`` and
+  ``tools/plot_logs.py`` call.
+
+Only the box drawing is imported here (``engine.predict`` uses it); matplotlib is imported
+by the modules that plot, when they plot.
+"""
+from .boxes import class_color, draw_detections, prediction_vs_ground_truth, side_by_side, titled_row
+
+__all__ = ["class_color", "draw_detections", "prediction_vs_ground_truth", "side_by_side", "titled_row"]

@@ -1,0 +1,165 @@
+"""From a checkpoint or log files to PNG files: the functions ``tools/visualize.py`` and
+``tools/plot_logs.py`` call. Any checkpoint :func:`detr_irpe.engine.inference.load_detector`
+reads works (ours, official DETR, the iRPE model zoo).
+
+Images come from files / folders, or ``val=N``: the first N images of the validation split of
+the checkpoint's (or ``config``'s) dataset, which also gives the ground-truth boxes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ..data import build_dataset
+from ..engine.inference import Detector, load_detector
+from ..engine.logger import read_jsonl
+from ..engine.predict import list_images, read_rgb
+from .attention import attention_picture, pixel_to_cell
+from .boxes import prediction_vs_ground_truth, save_png
+from .curves import plot_training_curves, run_names
+from .forward import display_scale, prepare_input, run_model
+from .rpe_tables import capture_token, plot_rpe_tables, rpe_attention_modules
+
+Sample = Tuple[str, Tensor, Optional[Dict[str, Tensor]], Dict[int, str]]  # name, image, ground truth, class names
+
+
+def resolve_device(device: str = "auto") -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def samples(detector: Detector, images: Sequence = (), val: Optional[int] = None) -> Iterator[Sample]:
+    """``(name, (3, H, W) uint8 image, ground truth or None, class names)`` per image: the files
+    of ``images`` (files or folders), then the first ``val`` validation images with their boxes."""
+    if not images and not val:
+        raise ValueError("nothing to draw: pass image files or folders, or --val N for the first N "
+                         "validation images of the config's dataset")
+    if val is not None and val < 0:
+        raise ValueError(f"--val must be a positive number of images, got {val}")
+    paths = [p for item in images for p in list_images(item)]  # fail on a bad path before any work
+    used: Dict[str, int] = {}
+
+    def unique(name: str) -> str:
+        used[name] = used.get(name, 0) + 1
+        return name if used[name] == 1 else f"{name}_{used[name]}"
+
+    for path in paths:
+        yield unique(Path(path).stem), read_rgb(path), None, detector.categories
+    if val:
+        dataset = build_dataset(detector.config.data, "val", transforms=lambda image, target: (image, target))
+        names = {**dataset.categories, **detector.categories}  # the checkpoint's names win
+        for index in range(min(val, len(dataset))):
+            image = dataset.load_image(index).as_subclass(Tensor)
+            target = dataset.load_target(index, tuple(image.shape[-2:]))
+            gt = {"boxes": target["boxes"].as_subclass(Tensor), "labels": target["labels"]}
+            stem = Path(dataset.coco.imgs[dataset.ids[index]]["file_name"]).stem
+            yield unique(stem), image, gt, names
+
+
+def draw_boxes(checkpoint: str, out, images: Sequence = (), val: Optional[int] = None, threshold: float = 0.7,
+               min_size: Optional[int] = None, config: Optional[str] = None, overrides: Sequence[str] = (),
+               device: str = "auto") -> List[Path]:
+    """Writes ``<out>/<image>_boxes.png`` per image: the predicted boxes (score >= ``threshold``)
+    with class names and scores, beside the ground truth for validation images. Images whose
+    shorter side is below ``min_size`` are drawn enlarged to it."""
+    device = resolve_device(device)
+    detector = load_detector(checkpoint, config, overrides, device=device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, image, gt, names in samples(detector, images, val):
+        result = run_model(detector.model, detector.postprocessor, detector.config.data, image, device)
+        factor = display_scale(result.image_hw, min_size)
+        result = result.scaled(factor)
+        if gt is not None and factor != 1:
+            fy, fx = result.image_hw[0] / image.shape[1], result.image_hw[1] / image.shape[2]
+            gt = {**gt, "boxes": gt["boxes"] * torch.tensor([fx, fy, fx, fy])}
+        picture = prediction_vs_ground_truth(result.image, result.detections(threshold), gt, names)
+        path = out / f"{name}_boxes.png"
+        save_png(picture, path)
+        written.append(path)
+    return written
+
+
+def draw_attention(checkpoint: str, out, images: Sequence = (), val: Optional[int] = None,
+                   pixel: Optional[Sequence[float]] = None, layer: Union[int, str] = -1, decoder_layer: int = -1,
+                   threshold: float = 0.7, max_objects: int = 6, alpha: float = 0.5,
+                   interpolation: str = "bilinear", min_size: Optional[int] = None, config: Optional[str] = None,
+                   overrides: Sequence[str] = (), device: str = "auto") -> List[Path]:
+    """Writes ``<out>/<image>_attention.png`` per image: the encoder self-attention of ``pixel``
+    (``(x, y)`` in the image's pixels, default its centre) in encoder ``layer`` (``"all"``: one
+    panel per layer), then the decoder cross-attention (``decoder_layer``) of each detection
+    scoring ``>= threshold`` (at most ``max_objects``), each panel the size of the image (enlarged
+    to a shorter side of ``min_size`` if smaller)."""
+    device = resolve_device(device)
+    detector = load_detector(checkpoint, config, overrides, device=device)
+    num_layers = detector.config.model.enc_layers
+    layers = list(range(num_layers)) if layer == "all" else int(layer)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, image, _, names in samples(detector, images, val):
+        result = run_model(detector.model, detector.postprocessor, detector.config.data, image, device,
+                           return_attention=True)
+        result = result.scaled(display_scale(result.image_hw, min_size))
+        picture = attention_picture(result, pixel, layers, decoder_layer, threshold, max_objects, names, alpha=alpha,
+                                    interpolation=interpolation)
+        path = out / f"{name}_attention.png"
+        save_png(picture, path)
+        written.append(path)
+    return written
+
+
+def draw_rpe_tables(checkpoint: str, out, layers: Optional[Sequence[int]] = None, images: Sequence = (),
+                    val: Optional[int] = None, pixel: Optional[Sequence[float]] = None,
+                    config: Optional[str] = None, overrides: Sequence[str] = (), device: str = "auto") -> List[Path]:
+    """Writes ``<out>/rpe_tables.png`` (the learned tables of the chosen encoder ``layers``, all by
+    default) and, given an image (the first of ``images`` / ``val``) or a ``pixel``, also
+    ``<out>/rpe_query_<image>.png``: the contribution ``q·r`` of the token at ``pixel`` (default the
+    image centre) per bucket.
+
+    Raises:
+        NoRPEError: the checkpoint's model has no iRPE.
+    """
+    device = resolve_device(device)
+    detector = load_detector(checkpoint, config, overrides, device=device)
+    rpe_attention_modules(detector.model)  # NoRPEError before any other work
+    out = Path(out)
+    written = [plot_rpe_tables(detector.model, out / "rpe_tables.png", layers)]
+    if images or val or pixel is not None:
+        if not images and not val:
+            raise ValueError("--pixel needs an image: pass an image file or --val 1")
+        name, image, _, _ = next(samples(detector, images, val))
+        H, W = image.shape[-2:]
+        xy = pixel if pixel is not None else (W // 2, H // 2)
+        batch, mask = prepare_input(image, detector.config.data)
+        feature_hw = _feature_hw(detector, batch, mask, device)
+        row, col = pixel_to_cell(xy, (H, W), tuple(batch.shape[-2:]), tuple(batch.shape[-2:]), feature_hw)
+        tokens = capture_token(detector.model, batch.to(device), mask.to(device), row * feature_hw[1] + col)
+        title = (f"iRPE contribution to the attention logits of the token at pixel ({int(xy[0])}, {int(xy[1])}) "
+                 f"= cell ({row}, {col}) of {name}")
+        written.append(plot_rpe_tables(detector.model, out / f"rpe_query_{name}.png", layers, tokens, title=title))
+    return written
+
+
+@torch.no_grad()
+def _feature_hw(detector: Detector, batch: Tensor, mask: Tensor, device: str) -> Tuple[int, int]:
+    features, _, _ = detector.model.backbone(batch.to(device), mask.to(device))
+    return int(features.shape[-2]), int(features.shape[-1])
+
+
+def plot_logs(logs: Sequence, out, names: Optional[Sequence[str]] = None, title: Optional[str] = None) -> Path:
+    """Training curves of one or more ``log.jsonl`` files in one PNG, a colour per run (named by
+    its folder unless ``names`` are given)."""
+    paths = [Path(p) for p in logs]
+    if not paths:
+        raise ValueError("give at least one log.jsonl")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"no such log file: {p} (a training run writes <output_dir>/log.jsonl)")
+    names = list(names) if names else run_names(paths)
+    if len(names) != len(paths):
+        raise ValueError(f"got {len(names)} names for {len(paths)} logs")
+    return plot_training_curves({n: read_jsonl(p) for n, p in zip(names, paths)}, out, title=title)
