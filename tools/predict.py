@@ -26,7 +26,10 @@ def main(argv=None):
     except (ConfigError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     total = sum(len(r["detections"]) for r in results)
-    print(f"{len(results)} images, {total} detections >= {args.threshold}: pictures and detections.json in {args.out}")
+    skipped = sum("error" in r for r in results)
+    note = f" ({skipped} unreadable, skipped)" if skipped else ""
+    print(f"{len(results) - skipped} images{note}, {total} detections >= {args.threshold}: "
+          f"pictures and detections.json in {args.out}")
 
 
 if __name__ == "__main__":

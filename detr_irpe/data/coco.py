@@ -19,55 +19,43 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from .errors import AnnotationError, DatasetNotFoundError, ImageDecodeError
+from .errors import AnnotationError, DataItemError, DatasetNotFoundError, ImageDecodeError
+from .validate import Report, validate_coco_dict
 
 if TYPE_CHECKING:
     from ..config import Config, DataConfig
 
 PathLike = Union[str, Path]
-REQUIRED_KEYS = ("images", "annotations", "categories")
 SPLITS = ("train", "val")
 
 
-def check_coco_dict(data, source: PathLike) -> None:
-    """Raise ``AnnotationError`` unless ``data`` is a COCO detection dict whose references resolve."""
-    hint = "A COCO detection file is a JSON object with 'images', 'annotations' and 'categories' lists " \
-           "(like annotations/instances_val2017.json); see datasets/README.md."
-    if isinstance(data, list):
-        raise AnnotationError(f"{source} holds a JSON list, which looks like a detection results file, "
-                              f"not ground truth. {hint}")
-    if not isinstance(data, dict):
-        raise AnnotationError(f"{source} holds a JSON {type(data).__name__}, not a COCO annotation file. {hint}")
-    missing = [k for k in REQUIRED_KEYS if k not in data]
-    if missing:
-        raise AnnotationError(f"{source} is not a COCO detection file: missing key(s) "
-                              f"{', '.join(repr(k) for k in missing)}. {hint}")
-    for key in REQUIRED_KEYS:
-        if not isinstance(data[key], list):
-            raise AnnotationError(f"{source}: '{key}' must be a list, got {type(data[key]).__name__}. {hint}")
+def check_coco_dict(data, source: PathLike, image_dir: Optional[PathLike] = None) -> Report:
+    """Raise ``AnnotationError`` listing every problem that makes ``data`` unusable as COCO ground truth.
 
-    for cat in data["categories"]:
-        if not isinstance(cat, dict) or "id" not in cat:
-            raise AnnotationError(f"{source}: category entry {cat!r} has no 'id'. {hint}")
-    for img in data["images"]:
-        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            raise AnnotationError(f"{source}: image entry {img!r} needs an 'id' and a 'file_name'. {hint}")
+    Problems that the loader tolerates (boxes of zero or negative size or outside the image,
+    boxes across the border, images without width/height) do not raise; they are in the
+    returned :class:`~detr_irpe.data.validate.Report` and printed by ``tools/check_data.py``.
+    """
+    report = validate_coco_dict(data, str(source))
+    if not report.structure_ok:
+        raise AnnotationError(report.findings["structure"].describe())
+    errors = report.errors
+    if errors:
+        lines = "\n".join(f"  - {finding.describe()}" for finding in errors)
+        images = image_dir if image_dir is not None else "<image folder>"
+        raise AnnotationError(
+            f"{source}: {len(errors)} kind(s) of problem make this annotation file unusable:\n{lines}\n"
+            f"Every problem of the dataset: python tools/check_data.py --annotations {source} --images {images}")
+    return report
 
-    cat_ids = {c["id"] for c in data["categories"]}
-    img_ids = {im["id"] for im in data["images"]}
+
+def _fill_defaults(data: dict) -> None:
+    """``area`` (from the box) and ``iscrowd`` (0) where missing: pycocotools' COCOeval needs both."""
     for ann in data["annotations"]:
-        if not isinstance(ann, dict) or "bbox" not in ann or "image_id" not in ann or "category_id" not in ann:
-            raise AnnotationError(f"{source}: annotation {ann!r} needs 'image_id', 'category_id' and 'bbox'.")
-        if ann["category_id"] not in cat_ids:
-            shown = sorted(cat_ids)
-            shown = f"{shown[:20]} ..." if len(shown) > 20 else str(shown)
-            raise AnnotationError(
-                f"{source}: annotation {ann.get('id')} (image {ann['image_id']}) has category_id "
-                f"{ann['category_id']}, which is not in 'categories' (ids {shown}). "
-                f"Add the category to 'categories' or fix the annotation.")
-        if ann["image_id"] not in img_ids:
-            raise AnnotationError(f"{source}: annotation {ann.get('id')} refers to image_id {ann['image_id']}, "
-                                  f"which is not in 'images'. Add the image entry or drop the annotation.")
+        if "area" not in ann:
+            _, _, w, h = ann["bbox"]
+            ann["area"] = float(w) * float(h) if w > 0 and h > 0 else 0.0
+        ann.setdefault("iscrowd", 0)
 
 
 def _require_annotation_file(path: Path) -> None:
@@ -77,17 +65,28 @@ def _require_annotation_file(path: Path) -> None:
             f"data.val_annotations to a COCO instances json (layout in datasets/README.md).")
 
 
-def load_coco(annotation_file: PathLike) -> COCO:
-    """Read and validate a COCO detection json; returns an indexed ``pycocotools.coco.COCO``."""
-    path = Path(annotation_file)
-    _require_annotation_file(path)
+def read_json(path: PathLike):
+    """The JSON value in ``path``; ``AnnotationError`` naming the file if it is not valid JSON."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AnnotationError(f"{path} is not valid JSON ({e}). Expected a COCO instances file "
-                              f"like annotations/instances_val2017.json.") from None
-    check_coco_dict(data, path)
+            return json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge integers, deep nesting
+        raise AnnotationError(f"{path} is not valid JSON ({type(e).__name__}: {e}). Expected a COCO instances "
+                              f"file like annotations/instances_val2017.json.") from None
+
+
+def load_coco(annotation_file: PathLike, image_dir: Optional[PathLike] = None) -> COCO:
+    """Read and validate a COCO detection json; returns an indexed ``pycocotools.coco.COCO``.
+
+    Raises ``AnnotationError`` listing every problem that would break training or evaluation
+    (see :func:`check_coco_dict`); ``image_dir`` only completes the hint in that message.
+    Missing ``area`` / ``iscrowd`` are filled in (box area, 0).
+    """
+    path = Path(annotation_file)
+    _require_annotation_file(path)
+    data = read_json(path)
+    check_coco_dict(data, path, image_dir)
+    _fill_defaults(data)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
@@ -141,6 +140,11 @@ class CocoDetection(torch.utils.data.Dataset):
     targets (the evaluator reads them from the annotation file). Images without annotations are
     kept, with ``boxes`` of shape (0, 4).
 
+    The annotation file is validated at construction (:func:`load_coco`): every problem that would
+    break training is raised at once as ``AnnotationError``. An item that fails to load raises
+    ``DatasetNotFoundError`` / ``ImageDecodeError`` (missing or bad image file) or
+    ``DataItemError``, each naming the item, its image id and file.
+
     ``transforms`` is called as ``transforms(image, target)`` on a ``tv_tensors.Image`` and a target
     whose ``boxes`` are absolute xyxy ``tv_tensors.BoundingBoxes``, and returns the same pair.
     """
@@ -154,11 +158,8 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DatasetNotFoundError(
                 f"image folder not found: {self.image_dir} (images of {self.annotation_file.name}). "
                 f"Set data.root and data.train_images / data.val_images to the folder holding the images.")
-        self.coco = load_coco(self.annotation_file)
+        self.coco = load_coco(self.annotation_file, self.image_dir)  # refuses an empty dataset too
         self.ids = sorted(self.coco.imgs)
-        if not self.ids:
-            raise AnnotationError(f"{self.annotation_file} lists no images: the dataset is empty. "
-                                  f"Add entries to 'images' or point the config at another annotation file.")
         self.transforms = transforms
 
     @property
@@ -201,27 +202,46 @@ class CocoDetection(torch.utils.data.Dataset):
         image_id = self.ids[index]
         h, w = size
         anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        # float64 until clipped: validated boxes are finite, so x + w cannot be NaN, and huge
+        # values are clipped to the image before they could overflow float32
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4)
         boxes = box_convert(boxes, "xywh", "xyxy")
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes = boxes.float()
         area = [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns]
         return {
             "boxes": tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(h, w)),
             "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)[keep],
-            "area": torch.tensor(area, dtype=torch.float32)[keep],
+            "area": torch.tensor(area, dtype=torch.float64).clamp(0, h * w).float()[keep],  # finite
             "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64),
             "image_id": torch.tensor(image_id, dtype=torch.int64),
             "orig_size": torch.tensor([h, w], dtype=torch.int64),
         }
 
+    def describe_item(self, index: int) -> str:
+        """``item 3 (image id 42, file /data/x.jpg)``: for messages about a failed item."""
+        try:
+            image_id = self.ids[index]
+            return f"item {index} (image id {image_id}, file {self.image_dir / self.coco.imgs[image_id]['file_name']})"
+        except (IndexError, TypeError, KeyError):
+            return f"item {index!r} (not an index of this dataset of {len(self)} images)"
+
     def __getitem__(self, index: int):
-        image = self.load_image(index)
-        target = self.load_target(index, tuple(image.shape[-2:]))
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        target = normalize_target(target, tuple(image.shape[-2:]))
+        self.ids[index]  # IndexError past the end, unwrapped (the sequence protocol relies on it)
+        try:
+            image = self.load_image(index)
+            target = self.load_target(index, tuple(image.shape[-2:]))
+            if self.transforms is not None:
+                image, target = self.transforms(image, target)
+            target = normalize_target(target, tuple(image.shape[-2:]))
+        except (DatasetNotFoundError, ImageDecodeError, MemoryError):
+            raise  # the first two already name the file and the image id
+        except Exception as e:
+            raise DataItemError(
+                f"loading {self.describe_item(index)} of {self.annotation_file} failed: {type(e).__name__}: {e}. "
+                f"Check the dataset with tools/check_data.py, or debug with dataset[{index}].") from e
         return image.as_subclass(Tensor), target
 
 

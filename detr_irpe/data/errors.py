@@ -12,3 +12,11 @@ class AnnotationError(ValueError):
 
 class ImageDecodeError(ValueError):
     """An image file exists but cannot be decoded, or its size disagrees with the annotation file."""
+
+
+class DataItemError(RuntimeError):
+    """Loading one item failed; the message names its index, image id and file (the cause is chained)."""
+
+
+class DataLoaderWorkerError(RuntimeError):
+    """A DataLoader worker process died (killed by a signal, e.g. out of memory); names the items it was loading."""

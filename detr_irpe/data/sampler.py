@@ -60,20 +60,36 @@ class SeededDataset(Dataset):
 
     The global RNG state of the calling process is left untouched (so data loading in the main
     process does not shift the model's dropout RNG). A plain integer index works as usual.
+    ``tracker`` (a :class:`~detr_irpe.data.loader.WorkerItems`) is told which index a DataLoader
+    worker is loading, so that a worker killed mid-item can be reported with it.
     """
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Dataset, tracker=None):
         self.dataset = dataset
+        self.tracker = tracker
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getattr__(self, name):
-        if name == "dataset":
+        if name in ("dataset", "tracker"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
+    def describe_item(self, index) -> str:
+        describe = getattr(self.dataset, "describe_item", None)
+        return describe(index) if describe is not None else f"item {index}"
+
     def __getitem__(self, item):
+        if self.tracker is None:
+            return self._load(item)
+        self.tracker.begin(item[0] if isinstance(item, tuple) else item)
+        try:
+            return self._load(item)
+        finally:
+            self.tracker.end()
+
+    def _load(self, item):
         if not isinstance(item, tuple):
             return self.dataset[item]
         index, seed = item

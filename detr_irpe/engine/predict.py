@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import write_png
+from torchvision.transforms.v2 import functional as F
 
-from ..data.transforms import make_eval_transforms
-from ..visualize import draw_detections
+from ..data.errors import DatasetNotFoundError, ImageDecodeError
+from ..data.transforms import make_eval_transforms, normalize
+from ..visualize import draw_detections, save_png
 from .inference import Detector
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -30,9 +32,19 @@ def list_images(path) -> List[Path]:
     raise FileNotFoundError(f"no such image or folder: {path}")
 
 
+class SkippedImageWarning(UserWarning):
+    """An input image could not be read; prediction went on with the others."""
+
+
 def read_rgb(path) -> torch.Tensor:
     """Any PIL-readable image as ``(3, H, W)`` uint8 RGB: grayscale, palette, RGBA (on white)
-    and 16-bit / float images (rescaled to 8 bits) are converted."""
+    and 16-bit / float images (rescaled to 8 bits) are converted.
+
+    Raises:
+        ImageDecodeError: (a ``ValueError``) naming the file, when it is truncated, corrupt,
+            too large for PIL or not an image at all.
+        DatasetNotFoundError: (a ``FileNotFoundError``) when it does not exist.
+    """
     try:
         with Image.open(path) as im:
             im.load()
@@ -45,11 +57,37 @@ def read_rgb(path) -> torch.Tensor:
                 rgba = im.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(background, rgba)
-            im = im.convert("RGB")
-            arr = np.array(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}. Is it a valid, complete image file?") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"cannot read image {path}: not an image format PIL knows (corrupt, empty, or "
+                               f"not an image despite its name). Replace or remove the file.") from None
+    except FileNotFoundError:
+        raise DatasetNotFoundError(f"image file not found: {path}") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"cannot read image {path}: {e} Downscale it first (PIL refuses images over "
+                               f"2 * PIL.Image.MAX_IMAGE_PIXELS pixels).") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"cannot read image {path}: {e}. The file is incomplete or corrupt (truncated "
+                               f"download or copy?): replace or remove it.") from None
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def model_input_transform(data_cfg) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The evaluation transform (shortest side ``eval_size``, longest at most ``max_size``), except
+    that an image so elongated that it would get a side of 0 pixels gets 1 instead."""
+    transform = make_eval_transforms(data_cfg)
+
+    def apply(image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        scale = min(data_cfg.eval_size / min(h, w), data_cfg.max_size / max(h, w))
+        if int(h * scale) >= 1 and int(w * scale) >= 1:
+            return transform(image)
+        size = [max(1, round(h * scale)), max(1, round(w * scale))]
+        return normalize()(F.resize(image, size, antialias=True))
+
+    return apply
 
 
 @torch.no_grad()
@@ -59,14 +97,22 @@ def predict_images(detector: Detector, paths: Sequence[Path], out_dir, threshold
 
     Images are resized like evaluation images (shortest side ``data.eval_size``, longest at most
     ``data.max_size``), so huge inputs do not exhaust memory and tiny ones are upscaled.
-    Returns the detections (absolute xyxy boxes in the original image) above ``threshold``.
+    Returns one entry per image: the detections (absolute xyxy boxes in the original image)
+    above ``threshold``. An image that cannot be read (truncated, corrupt, not an image) is
+    skipped with a :class:`SkippedImageWarning`; its entry has an ``error`` and no detections.
+    If no image at all can be read, ``ImageDecodeError`` lists them.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    transform = make_eval_transforms(detector.config.data)
+    transform = model_input_transform(detector.config.data)
     results = []
     for path in paths:
-        image = read_rgb(path)
+        try:
+            image = read_rgb(path)
+        except (ImageDecodeError, DatasetNotFoundError) as e:
+            warnings.warn(f"skipped: {e}", SkippedImageWarning, stacklevel=3)
+            results.append({"file": str(path), "error": str(e), "detections": []})
+            continue
         h, w = image.shape[-2:]
         batch = transform(image).unsqueeze(0).to(device)
         mask = torch.zeros(batch.shape[0], *batch.shape[-2:], dtype=torch.bool, device=device)
@@ -76,7 +122,7 @@ def predict_images(detector: Detector, paths: Sequence[Path], out_dir, threshold
         boxes, labels, scores = det["boxes"][keep].cpu(), det["labels"][keep].cpu(), det["scores"][keep].cpu()
         drawn = draw_detections(image, boxes, labels, scores, detector.categories)
         png = out_dir / f"{Path(path).stem}.png"
-        write_png(drawn, str(png))
+        save_png(drawn, png)
         results.append({
             "file": str(path), "picture": str(png), "width": int(w), "height": int(h),
             "detections": [
@@ -86,6 +132,10 @@ def predict_images(detector: Detector, paths: Sequence[Path], out_dir, threshold
             ],
         })
     (out_dir / "detections.json").write_text(json.dumps(results, indent=1))
+    skipped = [r for r in results if "error" in r]
+    if skipped and len(skipped) == len(results):
+        raise ImageDecodeError(f"none of the {len(results)} image(s) could be read:\n  "
+                               + "\n  ".join(r["error"] for r in skipped))
     return results
 
 

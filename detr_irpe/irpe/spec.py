@@ -8,6 +8,7 @@ from typing import Optional, Union
 METHODS = ("euc", "quant", "cross", "product")
 MODES = ("bias", "contextual")
 MODE_ALIASES = {"bias": "bias", "ctx": "contextual", "contextual": "contextual"}
+MAX_RATIO = 100.0
 
 SPEC_HELP = (
     "expected 'rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}', e.g. 'rpe-2.0-product-ctx-1-k', where\n"
@@ -45,6 +46,9 @@ class RPEConfig:
         problems = []
         if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or self.ratio <= 0:
             problems.append(f"ratio must be a finite number > 0, got {self.ratio!r}")
+        elif self.ratio > MAX_RATIO:  # also keeps int(2 * ratio) finite
+            problems.append(f"ratio must be <= {MAX_RATIO:g} (beyond that every offset of a feature map is its own "
+                            f"bucket and the tables only grow), got {self.ratio!r}")
         elif int(2 * self.ratio) < 1:
             problems.append(f"ratio must be >= 0.5 so that beta = 2*ratio >= 1, got {self.ratio!r}")
         if self.method not in METHODS:

@@ -11,6 +11,6 @@
 Only the box drawing is imported here (``engine.predict`` uses it); matplotlib is imported
 by the modules that plot, when they plot.
 """
-from .boxes import class_color, draw_detections, prediction_vs_ground_truth, side_by_side, titled_row
+from .boxes import class_color, draw_detections, prediction_vs_ground_truth, save_png, side_by_side, titled_row
 
-__all__ = ["class_color", "draw_detections", "prediction_vs_ground_truth", "side_by_side", "titled_row"]
+__all__ = ["class_color", "draw_detections", "prediction_vs_ground_truth", "save_png", "side_by_side", "titled_row"]
