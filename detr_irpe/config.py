@@ -91,7 +91,10 @@ class TrainConfig:
     lr: float = 1e-4
     lr_backbone: float = 1e-5
     weight_decay: float = 1e-4
-    lr_drop: int = 100  # epoch at which the learning rate is divided by 10
+    lr_drop: int = 100  # epoch at which the learning rate is divided by 10 (lr_schedule=step)
+    lr_schedule: str = "step"  # step: divide by 10 at epoch lr_drop (DETR) | cosine: per-iteration decay to 0
+    warmup_iters: int = 0  # linear learning-rate warmup over the first iterations (0 = none)
+    max_minutes: Optional[float] = None  # wall-clock budget of the training loop; when spent, it stops and evaluates
     clip_max_norm: float = 0.1
     eval_every: int = 1  # epochs between evaluations; 0 = only at the end
     seed: int = 42
@@ -290,6 +293,9 @@ def validate(cfg: Config) -> Config:
     need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     need(t.clip_max_norm >= 0, f"train.clip_max_norm must be >= 0 (0 disables), got {t.clip_max_norm}")
     need(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
+    need(t.lr_schedule in ("step", "cosine"), f"train.lr_schedule must be step or cosine, got {t.lr_schedule!r}")
+    need(t.warmup_iters >= 0, f"train.warmup_iters must be >= 0, got {t.warmup_iters}")
+    need(t.max_minutes is None or t.max_minutes > 0, f"train.max_minutes must be > 0 or null, got {t.max_minutes}")
     need(t.amp in ("none", "bf16", "fp16"), f"train.amp must be none, bf16 or fp16, got {t.amp!r}")
     need(t.keep_last >= 0, f"train.keep_last must be >= 0, got {t.keep_last}")
     need(t.max_iters_per_epoch is None or t.max_iters_per_epoch > 0,
