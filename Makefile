@@ -14,5 +14,4 @@ test-all: install
 	$(PYTHON) -m pytest -q -m ""
 
 demo: install
-	@echo "make demo: not built yet (issue 5: synthetic dataset + CPU training)." >&2
-	@exit 1
+	$(PYTHON) tools/demo.py

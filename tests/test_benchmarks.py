@@ -1,0 +1,40 @@
+"""Smoke test: the benchmark scripts run in-process on tiny sizes and produce numbers."""
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_attention_benchmark_produces_numbers(capsys):
+    bench = load("attention")
+    rows = bench.main(["--quick", "--config", "2x4x5", "--reps", "1", "--warmup", "0",
+                       "--specs", "rpe-2.0-product-ctx-1-k", "rpe-2.0-cross-ctx-1-qk"])
+    names = {r.variant for r in rows}
+    assert names == {bench.MHA, bench.NONE, bench.SDPA_REFERENCE, "rpe-2.0-product-ctx-1-k", "rpe-2.0-cross-ctx-1-qk"}
+    for r in rows:
+        assert r.fwd_ms > 0 and r.fb_ms > 0 and math.isfinite(r.fb_ms)
+        assert r.peak_mib > 0 and r.largest > 0
+    out = capsys.readouterr().out
+    assert "fwd+bwd / no-RPE" in out and "rpe-2.0-product-ctx-1-k fwd+bwd time" in out
+
+
+def test_scaling_benchmark_fits_an_exponent(capsys):
+    scaling = load("scaling")
+    results = scaling.main(["--sides", "3", "5", "--reps", "1", "--no-memory"])
+    assert all(len(rows) == 2 and all(t > 0 for _, t, _ in rows) for rows in results.values())
+    assert "time exponent" in capsys.readouterr().out
+    assert abs(scaling.loglog_slope([1, 2, 4], [3, 12, 48]) - 2.0) < 1e-12
