@@ -25,3 +25,50 @@ def test_demo_smoke(tmp_path):
     for files in pictures.values():
         for f in files:
             assert f.endswith(".png") and Path(f).is_file(), f
+
+
+def _lrs(cfg, iters_per_epoch, steps):
+    import torch
+
+    from detr_irpe.engine.train import build_scheduler
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched, per_iteration = build_scheduler(opt, cfg, iters_per_epoch)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs, per_iteration, sched
+
+
+def test_default_schedule_is_detr_step_lr():
+    import torch
+
+    from detr_irpe.config import TrainConfig
+
+    _, per_iteration, sched = _lrs(TrainConfig(lr=1.0, lr_drop=2, epochs=4), 10, 1)
+    assert not per_iteration and isinstance(sched, torch.optim.lr_scheduler.StepLR)
+
+
+def test_cosine_schedule_with_warmup():
+    import math
+
+    from detr_irpe.config import TrainConfig
+
+    cfg = TrainConfig(lr=1.0, epochs=2, lr_schedule="cosine", warmup_iters=4)
+    lrs, per_iteration, _ = _lrs(cfg, 10, 20)
+    assert per_iteration
+    cosine = [0.5 * (1 + math.cos(math.pi * i / 20)) for i in range(20)]
+    assert all(math.isclose(lrs[i], (i + 1) / 4 * cosine[i]) for i in range(4))  # linear warmup
+    assert all(math.isclose(lrs[i], cosine[i]) for i in range(4, 20))
+    assert math.isclose(lrs[10], 0.5, abs_tol=1e-9)  # half way through the 20 iterations
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.01
+
+
+def test_step_schedule_with_warmup_drops_at_lr_drop_epoch():
+    from detr_irpe.config import TrainConfig
+
+    lrs, per_iteration, _ = _lrs(TrainConfig(lr=1.0, epochs=3, lr_drop=2, warmup_iters=2), 5, 15)
+    assert per_iteration
+    assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[9] == 1.0 and abs(lrs[10] - 0.1) < 1e-12

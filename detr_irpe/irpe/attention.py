@@ -420,8 +420,8 @@ def _exp_(x: Tensor, keep: Optional[Tensor]) -> Tensor:
     """``exp`` in place, for logits already shifted by their row maximum.
 
     Arguments below the log of the smallest normal number are raised to it first: exp would
-    return subnormal numbers there, which x86 CPUs compute tens of times more slowly, and which
-    are smaller than the row's largest term (exp(0) = 1) by far more than the precision anyway.
+    return subnormal numbers there, which x86 CPUs compute over a hundred times more slowly, and
+    which are smaller than the row's largest term (exp(0) = 1) by far more than the precision.
     Padded keys (-inf) are then set to exactly 0 by ``keep``.
     """
     x.clamp_(min=math.ceil(math.log(torch.finfo(x.dtype).tiny))).exp_()
