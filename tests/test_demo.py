@@ -8,7 +8,7 @@ from detr_irpe.demo import DemoSettings, run_demo
 def test_demo_smoke(tmp_path):
     settings = DemoSettings(
         output_dir=str(tmp_path / "run"), data_root=str(tmp_path / "data"), budget_minutes=2.0,
-        num_train=16, num_val=4, image_size=64, num_pictures=2, max_iterations=3, quiet=True,
+        num_train=16, num_val=4, image_size=64, num_pictures=2, max_iterations=3, max_pretrain_iterations=4, quiet=True,
         overrides=["train.batch_size=4", "train.device=cpu", "model.hidden_dim=32", "model.dim_feedforward=64",
                    "model.enc_layers=1", "model.dec_layers=1", "train.warmup_iters=2"],
     )
@@ -17,6 +17,9 @@ def test_demo_smoke(tmp_path):
     for name in ("checkpoint.pth", "metrics.json", "log.jsonl", "config.yaml", "demo_summary.json"):
         assert (out / name).is_file(), name
     assert summary["iterations"] == 3
+    pretrained = summary["backbone_pretraining"]
+    assert pretrained["iterations"] == 4 and Path(pretrained["path"]) == out / "backbone_pretrained.pth"
+    assert f"backbone_weights: {pretrained['path']}" in (out / "config.yaml").read_text()
     assert set(json.loads((out / "metrics.json").read_text())) >= {"AP", "AP50"}
     assert json.loads((out / "demo_summary.json").read_text())["paths"]["checkpoint"] == str(out / "checkpoint.pth")
     pictures = summary["paths"]["pictures"]

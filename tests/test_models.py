@@ -166,13 +166,13 @@ def test_attention_maps_on_request():
     assert "attention" not in model(images)
     out = model(images, return_attention=True)
     h, w = out["feature_hw"]
-    assert (h, w) == (3, 4)
+    assert (h, w) == (6, 8)  # stride 16
     (enc,), dec = out["attention"]["encoder"], out["attention"]["decoder"]
     assert enc.shape == (2, h * w, h * w) and len(dec) == 2 and dec[0].shape == (2, 5, h * w)
     torch.testing.assert_close(enc.sum(-1), torch.ones(2, h * w))
-    # image 1 covers the top-left 2 x 2 feature cells: no attention goes to its padding
+    # image 1 covers the top-left 4 x 4 feature cells: no attention goes to its padding
     padding = torch.ones(h, w, dtype=torch.bool)
-    padding[:2, :2] = False
+    padding[:4, :4] = False
     assert enc[1][:, padding.flatten()].abs().max() == 0
     assert dec[-1][1][:, padding.flatten()].abs().max() == 0
 
@@ -192,7 +192,7 @@ def test_resnet_freezes_stem_and_layer1_and_uses_frozen_bn():
 
 
 @pytest.mark.parametrize("name,dilation,channels,stride", [("resnet18", False, 512, 32), ("resnet50", True, 2048, 16),
-                                                           ("tiny", False, 128, 32)])
+                                                           ("tiny", False, 128, 16)])
 def test_feature_map_stride_and_mask(name, dilation, channels, stride):
     backbone = build_backbone(name, "none", dilation=dilation).eval()
     assert backbone.num_channels == channels and backbone.stride == stride

@@ -1,7 +1,7 @@
 """CNN backbones that turn a padded image batch into one feature map plus its padding mask.
 
 Every backbone here has the same interface: ``num_channels`` (channels of the output feature
-map), ``stride`` (32, or 16 for a dilated last stage) and ``forward(images, mask) -> (features,
+map), ``stride`` (32, or 16 for a dilated last stage or ``tiny``) and ``forward(images, mask) -> (features,
 mask)``. The module holding the layers is always ``body`` so checkpoint keys read
 ``backbone.0.body.*`` once the backbone sits inside :class:`Joiner`.
 """
@@ -109,35 +109,64 @@ def _resnet_state_dict(name: str, weights: str) -> dict:
 
 
 class TinyBackbone(nn.Module):
-    """A small plain CNN trained from scratch: five stride-2 conv-BN-ReLU stages (stride 32).
+    """A small plain CNN trained from scratch: seven conv-BN-ReLU layers, stride 16.
 
     Meant for CPU demos where a ResNet is too slow. Batch norm is the ordinary trainable kind.
+    It has no ImageNet weights; :func:`detr_irpe.engine.pretrain.pretrain_backbone` pretrains it
+    on the image-level labels of a detection dataset (what ``make demo`` does first) and saves a
+    state dict that ``weights`` accepts.
 
     Args:
-        channels: output channels of the five stages; the last is ``num_channels``.
+        weights: ``"none"`` (random init) or the path of a state dict of this class.
         train_backbone: False freezes every parameter.
+        layers: ``(out_channels, stride)`` per layer; the last channel count is ``num_channels``.
     """
 
-    def __init__(self, channels: Tuple[int, ...] = (32, 48, 64, 96, 128), train_backbone: bool = True):
+    LAYERS = ((16, 2), (32, 2), (32, 1), (64, 2), (64, 1), (128, 2), (128, 1))
+
+    def __init__(self, weights: str = "none", train_backbone: bool = True,
+                 layers: Tuple[Tuple[int, int], ...] = LAYERS):
         super().__init__()
-        stages, in_ch = OrderedDict(), 3
-        for i, out_ch in enumerate(channels):
+        stages, in_ch, stride = OrderedDict(), 3, 1
+        for i, (out_ch, layer_stride) in enumerate(layers):
             stages[f"stage{i}"] = nn.Sequential(OrderedDict(
-                conv=nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1, bias=False),
+                conv=nn.Conv2d(in_ch, out_ch, 3, stride=layer_stride, padding=1, bias=False),
                 bn=nn.BatchNorm2d(out_ch),
                 relu=nn.ReLU(inplace=True),
             ))
-            in_ch = out_ch
+            in_ch, stride = out_ch, stride * layer_stride
         self.body = nn.Sequential(stages)
+        if _wants_weights(weights):
+            _load_tiny_weights(self, weights)
         for param in self.body.parameters():
             param.requires_grad_(train_backbone)
-        self.num_channels = channels[-1]
-        self.stride = 2 ** len(channels)
+        self.num_channels = in_ch
+        self.stride = stride
 
     def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
         """images ``(B, 3, H, W)``, mask ``(B, H, W)`` -> ``(B, num_channels, h, w)``, ``(B, h, w)``."""
         features = self.body(images)
         return features, mask_to_feature(mask, features.shape[-2:])
+
+
+def _load_tiny_weights(backbone: TinyBackbone, weights: str) -> None:
+    if str(weights).lower() == "imagenet":
+        raise ValueError("the tiny backbone has no ImageNet weights; set backbone_weights=none (random init) or "
+                         "to a file written by tools/pretrain_backbone.py")
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone_weights={weights!r} is neither 'none' nor an existing file; for the tiny "
+                                f"backbone pass a file written by tools/pretrain_backbone.py")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"backbone_weights={weights!r} could not be read as a PyTorch file ({e}); "
+                           f"write it again with tools/pretrain_backbone.py") from None
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise RuntimeError(f"backbone_weights={weights!r} is not a state dict of the tiny backbone "
+                           f"({type(e).__name__}: {str(e)[:500]}); write it with tools/pretrain_backbone.py") from None
 
 
 class Joiner(nn.Sequential):
@@ -163,12 +192,9 @@ def build_backbone(name: str, weights: str = "none", train_backbone: bool = True
                    dilation: bool = False) -> nn.Module:
     """A backbone by name (``resnet18/34/50/101`` or ``tiny``); see the classes for the arguments."""
     if name == "tiny":
-        if _wants_weights(weights):
-            raise ValueError(f"the tiny backbone trains from scratch and has no pretrained weights; "
-                             f"set backbone_weights=none (got {weights!r})")
         if dilation:
             raise ValueError("dilation (DC5) applies to ResNet backbones only, not to 'tiny'")
-        return TinyBackbone(train_backbone=train_backbone)
+        return TinyBackbone(weights, train_backbone=train_backbone)
     if name in RESNETS:
         return ResNetBackbone(name, weights, train_backbone, dilation)
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

@@ -1,0 +1,125 @@
+"""Backbone pretraining on image-level labels, for a backbone that has no ImageNet weights.
+
+DETR starts from an ImageNet-pretrained ResNet; trained from scratch, its CNN gets almost no
+signal through the decoder and the detector sits for thousands of iterations predicting the
+same boxes for every image. The ``tiny`` CNN of the CPU demo has no ImageNet weights, so it is
+pretrained here on the detection data itself: multi-label classification of which categories
+each training image contains (a masked global average pool and a linear layer on the feature
+map, binary cross-entropy), with the training split's usual augmentations. The saved state dict
+is what ``model.backbone_weights`` takes.
+
+    from detr_irpe.engine.pretrain import pretrain_backbone
+    result = pretrain_backbone(cfg, "outputs/backbone.pth", seconds=90)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Config
+from ..data import build_dataloader, build_dataset, set_epoch
+from ..models.backbone import TinyBackbone, build_backbone
+from . import distributed as du
+from .state import atomic_save
+
+
+@dataclass
+class PretrainResult:
+    """What :func:`pretrain_backbone` did: where the weights went and how the loss moved."""
+
+    path: str
+    iterations: int
+    seconds: float
+    first_loss: float  # mean binary cross-entropy of the first 20 iterations
+    last_loss: float  # and of the last 20
+
+
+class ImageLabelClassifier(nn.Module):
+    """Backbone -> masked global average pool -> linear: one logit per category id."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_channels, num_classes)
+
+    def forward(self, images: Tensor, masks: Tensor) -> Tensor:
+        """images ``(B, 3, H, W)``, masks ``(B, H, W)`` (True = padding) -> logits ``(B, num_classes)``."""
+        features, mask = self.backbone(images, masks)
+        keep = (~mask).unsqueeze(1).to(features.dtype)  # (B, 1, h, w)
+        pooled = (features * keep).sum((2, 3)) / keep.sum((2, 3)).clamp(min=1.0)
+        return self.head(pooled)
+
+
+def image_labels(targets: List[dict], num_classes: int) -> Tensor:
+    """``(B, num_classes)`` multi-hot: 1 where the image has at least one box of that category id."""
+    labels = torch.zeros(len(targets), num_classes)
+    for row, target in enumerate(targets):
+        labels[row, target["labels"]] = 1.0
+    return labels
+
+
+def pretrain_backbone(cfg: Config, out_path: str, seconds: Optional[float] = None,
+                      iterations: Optional[int] = None, batch_size: int = 32, lr: float = 2e-3,
+                      quiet: bool = False) -> PretrainResult:
+    """Pretrain ``cfg.model``'s (tiny) backbone on the image-level labels of ``cfg.data``'s
+    training split for ``seconds`` of wall time or ``iterations`` steps (whichever ends first),
+    then save its state dict to ``out_path``."""
+    if seconds is None and iterations is None:
+        raise ValueError("pretrain_backbone needs a budget: seconds or iterations")
+    if cfg.model.backbone != "tiny":
+        raise ValueError(f"backbone pretraining is for the tiny backbone (no ImageNet weights); "
+                         f"{cfg.model.backbone!r} starts from backbone_weights=imagenet instead")
+    device = du.init_distributed(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    train_set = build_dataset(cfg.data, "train")
+    num_classes = cfg.model.num_classes or train_set.num_classes
+    backbone = build_backbone("tiny", cfg.model.backbone_weights, train_backbone=True)
+    model = ImageLabelClassifier(backbone, num_classes).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
+    if du.is_distributed():  # one set of weights: gradients averaged over the processes
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    loader = build_dataloader(train_set, min(batch_size, len(train_set)), train=True,
+                              num_workers=cfg.data.num_workers, seed=cfg.train.seed + 2)
+
+    start, losses, epoch = time.time(), [], 0
+    while True:
+        set_epoch(loader, epoch)
+        for images, masks, targets in loader:
+            logits = model(images.to(device), masks.to(device))
+            loss = F.binary_cross_entropy_with_logits(logits, image_labels(targets, num_classes).to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if not quiet and len(losses) % 100 == 0:
+                print(f"[pretrain] iteration {len(losses)}: loss {sum(losses[-100:]) / 100:.4f} "
+                      f"({time.time() - start:.0f}s)", flush=True)
+            out_of_time = seconds is not None and time.time() - start >= seconds
+            if (iterations is not None and len(losses) >= iterations) or _agree(out_of_time, device):
+                return _save(backbone, out_path, losses, time.time() - start)
+        epoch += 1
+
+
+def _agree(flag: bool, device) -> bool:
+    """Whether any process says ``flag`` (so all stop at the same iteration under DDP)."""
+    if not du.is_distributed():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def _save(backbone: TinyBackbone, out_path: str, losses: List[float], seconds: float) -> PretrainResult:
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    if du.is_main_process():
+        atomic_save(backbone.state_dict(), out_path)
+    du.barrier()
+    head, tail = losses[:20], losses[-20:]
+    return PretrainResult(str(out_path), len(losses), seconds, sum(head) / len(head), sum(tail) / len(tail))
