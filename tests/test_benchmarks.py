@@ -38,3 +38,13 @@ def test_scaling_benchmark_fits_an_exponent(capsys):
     assert all(len(rows) == 2 and all(t > 0 for _, t, _ in rows) for rows in results.values())
     assert "time exponent" in capsys.readouterr().out
     assert abs(scaling.loglog_slope([1, 2, 4], [3, 12, 48]) - 2.0) < 1e-12
+
+
+def test_end_to_end_benchmark_both_modes():
+    bench = load("end_to_end")
+    small = ["--backbone", "tiny", "--size", "64", "96", "--reps", "1", "--device", "cpu"]
+    alternating = bench.main(small)
+    assert {("plain", "train"), ("irpe", "train"), ("plain", "infer"), ("irpe", "infer")} == set(alternating)
+    assert all(t > 0 for t in alternating.values())
+    alone = bench.main(small + ["--one-at-a-time"])
+    assert set(alone) == {"plain", "irpe"} and all(t > 0 for t in alone.values())
