@@ -1,5 +1,6 @@
 """Synthetic shapes dataset: deterministic, cached, valid COCO, sensible objects."""
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -111,3 +112,26 @@ def test_cli(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     assert out.startswith("generated") and "model.num_classes=3" in out
     assert len(list((tmp_path / "cli" / "train").iterdir())) == 3
+
+
+def _generate_in_subprocess(root, queue):
+    try:
+        layout = ensure_synthetic_dataset(root, num_train=24, num_val=6, image_size=48, seed=5)
+        queue.put(("ok", layout.generated))
+    except Exception as e:  # reported to the parent
+        queue.put(("error", repr(e)))
+
+
+def test_concurrent_calls_take_turns(tmp_path):
+    """Two processes on the same root (DDP ranks, two demos): one generates, the other reuses."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    root = str(tmp_path / "shared")
+    procs = [ctx.Process(target=_generate_in_subprocess, args=(root, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert results == [("ok", False), ("ok", True)], results
+    assert len(json.loads((tmp_path / "shared" / "annotations" / "instances_train.json").read_text())["images"]) == 24

@@ -15,6 +15,7 @@ is the same bytes for the same parameters, whatever order images are produced in
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -218,8 +219,9 @@ def ensure_synthetic_dataset(root: Union[str, Path], num_train: int = 2000, num_
 
     A copy is reused when its manifest records the same parameters; otherwise (different
     parameters, an interrupted run) its files are removed and regenerated. A ``root`` that
-    holds other files but no manifest is refused rather than overwritten. Not safe to call from
-    several processes at once: under DDP call it on rank 0, then barrier.
+    holds other files but no manifest is refused rather than overwritten. Processes that call
+    it at once on the same ``root`` (DDP ranks, two demos) take turns on a lock file beside it:
+    one generates, the others then find the finished copy.
     """
     shapes = tuple(shapes)
     if not shapes or any(s not in SHAPES for s in shapes) or len(set(shapes)) != len(shapes):
@@ -235,7 +237,31 @@ def ensure_synthetic_dataset(root: Union[str, Path], num_train: int = 2000, num_
     layout = SyntheticLayout(root=str(root), num_classes=len(shapes) + 1)
     if _is_cached(root, spec, layout):
         return layout
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(root.parent / f".{root.name}.lock"):
+        if _is_cached(root, spec, layout):  # another process finished it while we waited
+            return layout
+        return _generate(root, spec, layout)
 
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive ``flock`` on ``path`` (held until the block ends; a no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _generate(root: Path, spec: SyntheticSpec, layout: SyntheticLayout) -> SyntheticLayout:
+    """Write the dataset of ``spec`` under ``root`` (called with the lock held)."""
     if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
         raise FileExistsError(f"{root} already holds files that are not a synthetic dataset (no {MANIFEST}); "
                               f"choose an empty or new folder for the synthetic data.")
@@ -244,7 +270,7 @@ def ensure_synthetic_dataset(root: Union[str, Path], num_train: int = 2000, num_
     for name in ("train", "val"):
         shutil.rmtree(root / name, ignore_errors=True)
         (root / "annotations" / f"instances_{name}.json").unlink(missing_ok=True)
-    _write_split(root, "train", num_train, spec)
-    _write_split(root, "val", num_val, spec)
+    _write_split(root, "train", spec.num_train, spec)
+    _write_split(root, "val", spec.num_val, spec)
     (root / MANIFEST).write_text(_manifest(spec, complete=True))  # last: marks the copy complete
     return dataclasses.replace(layout, generated=True)
