@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-
+from demo_compare import machine  # benchmarks/ is on sys.path when a script here runs
 from detr_irpe.config import ConfigError, load_config
 from detr_irpe.engine.train import Trainer
 
@@ -51,8 +48,7 @@ def main(argv=None):
     result = {"AP": metrics.get("AP"), "AP50": metrics.get("AP50"), "AP75": metrics.get("AP75"),
               "iterations": trainer.global_step, "epochs": trainer.epoch, "seconds": round(seconds, 1),
               "command": " ".join(["python", "benchmarks/overfit_coco.py"] + (argv if argv is not None else sys.argv[1:])),
-              "rpe": cfg.model.rpe, "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                                                "torch": torch.__version__, "torch_threads": torch.get_num_threads()}}
+              "rpe": cfg.model.rpe, "machine": machine()}
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "overfit_coco.json").write_text(json.dumps(result, indent=2))

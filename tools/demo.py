@@ -32,6 +32,9 @@ def main(argv=None):
                         help="validation images drawn with predictions vs ground truth (default %(default)s)")
     parser.add_argument("--no-pictures", action="store_true", help="skip the pictures")
     parser.add_argument("--max-iterations", type=int, help="stop training after this many iterations")
+    parser.add_argument("--pretrain-fraction", type=float, default=d.pretrain_fraction,
+                        help="share of the budget for backbone pretraining; 0 trains DETR from scratch "
+                             "(default %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=1e-3")
     args = parser.parse_args(argv)
 
@@ -43,7 +46,8 @@ def main(argv=None):
     settings = DemoSettings(config=args.config, overrides=overrides, output_dir=args.output_dir,
                             data_root=args.data_root, budget_minutes=args.budget_minutes, num_train=args.num_train,
                             num_val=args.num_val, image_size=args.image_size, num_pictures=args.num_pictures,
-                            pictures=not args.no_pictures, max_iterations=args.max_iterations)
+                            pictures=not args.no_pictures, max_iterations=args.max_iterations,
+                            pretrain_fraction=args.pretrain_fraction)
     try:
         run_demo(settings)
     except ConfigError as e:

@@ -55,6 +55,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_process(flag: bool, device) -> bool:
+    """True on every process if ``flag`` is True on any (so that all ranks stop at the same iteration)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value)
+    return bool(value.item() > 0)
+
+
 @torch.no_grad()
 def reduce_dict(values: Dict[str, torch.Tensor], average: bool = True) -> Dict[str, torch.Tensor]:
     """All-reduce a dict of scalar tensors (for logging); averaged over processes by default."""

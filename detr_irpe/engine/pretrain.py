@@ -102,18 +102,9 @@ def pretrain_backbone(cfg: Config, out_path: str, seconds: Optional[float] = Non
                 print(f"[pretrain] iteration {len(losses)}: loss {sum(losses[-100:]) / 100:.4f} "
                       f"({time.time() - start:.0f}s)", flush=True)
             out_of_time = seconds is not None and time.time() - start >= seconds
-            if (iterations is not None and len(losses) >= iterations) or _agree(out_of_time, device):
+            if (iterations is not None and len(losses) >= iterations) or du.any_process(out_of_time, device):
                 return _save(backbone, out_path, losses, time.time() - start)
         epoch += 1
-
-
-def _agree(flag: bool, device) -> bool:
-    """Whether any process says ``flag`` (so all stop at the same iteration under DDP)."""
-    if not du.is_distributed():
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t)
-    return bool(t.item() > 0)
 
 
 def _save(backbone: TinyBackbone, out_path: str, losses: List[float], seconds: float) -> PretrainResult:

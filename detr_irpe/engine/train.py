@@ -102,11 +102,7 @@ class StopRequest:
 
     def agreed(self, device) -> bool:
         """True if any process was asked to stop (so all ranks stop at the same iteration)."""
-        if not du.is_distributed():
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
-        torch.distributed.all_reduce(flag)
-        return bool(flag.item() > 0)
+        return du.any_process(self.requested, device)
 
 
 def check_finite(loss: torch.Tensor, loss_dict: Dict[str, torch.Tensor], weight_dict, where: str) -> Optional[str]:
@@ -291,7 +287,8 @@ class Trainer:
             logged = du.reduce_dict({k: v.detach() for k, v in loss_dict.items() if v.dim() == 0})
             metrics.update(loss=loss.item() if problem is None else None, **{k: float(v) for k, v in logged.items()})
             bar.update(1)
-            if deadline is not None and self.step_in_epoch < total and self._agree(time.time() >= deadline):
+            out_of_budget = deadline is not None and time.time() >= deadline
+            if self.step_in_epoch < total and du.any_process(out_of_budget, self.device):
                 out_of_time = True
                 break
             if self.global_step % max(t.log_every, 1) == 0 or self.step_in_epoch == total:
@@ -307,14 +304,6 @@ class Trainer:
         if out_of_time:
             stats["out_of_time"] = True
         return stats
-
-    def _agree(self, flag: bool) -> bool:
-        """True on every process if ``flag`` is True on any (so all ranks stop together)."""
-        if not du.is_distributed():
-            return flag
-        value = torch.tensor([float(flag)], device=self.device)
-        torch.distributed.all_reduce(value)
-        return bool(value.item() > 0)
 
     def evaluate(self, output_dir: Optional[Path] = None) -> Dict[str, float]:
         du.sync_buffers(self.model)

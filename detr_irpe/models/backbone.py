@@ -97,12 +97,24 @@ def _resnet_state_dict(name: str, weights: str) -> dict:
                 f"Without network access, either pass backbone_weights=none (random init) or download "
                 f"that file elsewhere and pass its local path as backbone_weights=/path/to/{Path(enum.url).name}"
             ) from e
+    return _read_state_file(weights, f"is neither 'imagenet', 'none' nor an existing file. Pass a "
+                                     f"torchvision-format {name} state dict (e.g. {name}-*.pth from download.pytorch.org)")
+
+
+def _read_state_file(weights: str, hint: str) -> dict:
+    """The state dict saved at path ``weights`` (unwrapped from ``{"state_dict": ...}``).
+
+    A missing file raises ``FileNotFoundError`` and an unreadable one ``RuntimeError``; both
+    messages read ``backbone_weights=<weights> <hint>``.
+    """
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
-            f"backbone_weights={weights!r} is neither 'imagenet', 'none' nor an existing file. "
-            f"Pass a torchvision-format {name} state dict (e.g. {name}-*.pth from download.pytorch.org)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"backbone_weights={weights!r} {hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"backbone_weights={weights!r} could not be read as a PyTorch file ({e}); "
+                           f"{hint}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     return state
@@ -153,15 +165,8 @@ def _load_tiny_weights(backbone: TinyBackbone, weights: str) -> None:
     if str(weights).lower() == "imagenet":
         raise ValueError("the tiny backbone has no ImageNet weights; set backbone_weights=none (random init) or "
                          "to a file written by tools/pretrain_backbone.py")
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone_weights={weights!r} is neither 'none' nor an existing file; for the tiny "
-                                f"backbone pass a file written by tools/pretrain_backbone.py")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"backbone_weights={weights!r} could not be read as a PyTorch file ({e}); "
-                           f"write it again with tools/pretrain_backbone.py") from None
+    state = _read_state_file(weights, "is neither 'none' nor a readable file; for the tiny backbone pass a "
+                                      "file written by tools/pretrain_backbone.py")
     try:
         backbone.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as e:
