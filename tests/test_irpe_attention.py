@@ -139,10 +139,11 @@ class _LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("spec", ["rpe-2.0-product-ctx-0-qkv", "rpe-2.0-cross-ctx-1-qkv", "rpe-2.0-euc-bias-0-qk"])
 def test_never_materialises_pairwise_head_dim_tensor(spec):
-    """Forward and backward never allocate a tensor of L*L*head_dim elements."""
+    """Forward and backward never allocate a tensor of L*L*head_dim elements (the explicit path;
+    the blockwise kernels never hold more than a block of logits, see test_irpe_fastpaths.py)."""
     H, W, heads, head_dim = 6, 7, 2, 16
     L = H * W
-    attn = RPEMultiheadAttention(heads * head_dim, heads, rpe=spec)
+    attn = RPEMultiheadAttention(heads * head_dim, heads, rpe=spec, rpe_impl="sdpa")
     x = torch.randn(L, 1, heads * head_dim, requires_grad=True)
     with _LargestTensor() as probe:
         out, _ = attn(x, x, x, hw=(H, W))

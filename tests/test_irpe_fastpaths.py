@@ -1,5 +1,6 @@
 """The fast iRPE paths against the naive float64 reference: the row-chunked kernel
-(``rpe_impl="chunked"``, the CPU default) and the full-mask SDPA path (``rpe_impl="sdpa"``).
+(``rpe_impl="chunked"``) and the full-mask SDPA path (``rpe_impl="sdpa"``); the compiled kernel
+(``"native"``) has its own file, test_irpe_native.py, and shares some tests here.
 
 Blocks of 1, 4 and all query rows, padding, a skip token, every method / mode / rpe_on /
 shared_head; outputs and the gradients of the input, the projections and every table; dropout
@@ -17,8 +18,8 @@ from irpe_reference import attention_ref
 from test_irpe_attention import COMBOS, _LargestTensor, make_inputs, randomize_tables
 
 
-def chunked(cfg, channels=16, heads=4, rows=None, dropout=0.0):
-    attn = RPEMultiheadAttention(channels, heads, dropout=dropout, rpe=cfg, rpe_impl="chunked").double()
+def chunked(cfg, channels=16, heads=4, rows=None, dropout=0.0, impl="chunked"):
+    attn = RPEMultiheadAttention(channels, heads, dropout=dropout, rpe=cfg, rpe_impl=impl).double()
     attn.chunk_rows = rows
     randomize_tables(attn, torch.Generator().manual_seed(1))
     return attn
@@ -79,11 +80,12 @@ def test_sdpa_path_leaves_a_callers_attn_mask_alone():
 
 @pytest.mark.parametrize("spec", ["rpe-1.0-product-ctx-1-k", "rpe-1.0-product-bias-0-qk", "rpe-1.0-cross-ctx-0-qkv",
                                   "rpe-1.0-euc-ctx-1-qv"])
-def test_chunked_agrees_with_sdpa_path_float32(spec):
-    """At a DETR-like size, in float32, the two implementations give the same outputs and gradients."""
+@pytest.mark.parametrize("impl", ["chunked", "native"])
+def test_blockwise_agrees_with_sdpa_path_float32(spec, impl):
+    """At a DETR-like size, in float32, the blockwise kernels and SDPA give the same outputs and gradients."""
     torch.manual_seed(0)
     hw = (7, 9)
-    fast = RPEMultiheadAttention(32, 4, rpe=spec, rpe_impl="chunked")
+    fast = RPEMultiheadAttention(32, 4, rpe=spec, rpe_impl=impl)
     fast.chunk_rows = 10
     slow = RPEMultiheadAttention(32, 4, rpe=spec, rpe_impl="sdpa")
     randomize_tables(fast, torch.Generator().manual_seed(3))
@@ -100,18 +102,6 @@ def test_chunked_agrees_with_sdpa_path_float32(spec):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
     for g, w in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
-
-
-def test_auto_picks_chunked_on_cpu_and_impl_is_checked():
-    attn = RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k")
-    q = torch.zeros(1, 2, 4, 8)
-    assert attn._row_chunks(q, need_weights=False, attn_mask=None)
-    assert not attn._row_chunks(q, need_weights=True, attn_mask=None)
-    assert not attn._row_chunks(q.bfloat16(), need_weights=False, attn_mask=None)
-    assert not RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k", rpe_impl="sdpa")._row_chunks(
-        q, need_weights=False, attn_mask=None)
-    with pytest.raises(ValueError, match="rpe_impl"):
-        RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k", rpe_impl="flash")
 
 
 @pytest.mark.parametrize("spec", ["rpe-0.5-product-ctx-1-qkv", "rpe-1.0-cross-bias-0-qk"])
@@ -171,11 +161,12 @@ def test_chunked_never_forms_a_full_attention_matrix(spec):
     assert all(p.grad is not None for p in attn.parameters())
 
 
-def test_padding_is_exact_and_tiny_weights_do_not_matter():
+@pytest.mark.parametrize("impl", ["chunked", "native"])
+def test_padding_is_exact_and_tiny_weights_do_not_matter(impl):
     """Padded keys get weight exactly 0; logits 200 below the rest (exp below the smallest normal
     float32) still give the reference's result."""
     torch.manual_seed(0)
-    attn = chunked("rpe-1.0-product-bias-1-k", rows=2).eval()
+    attn = chunked("rpe-1.0-product-bias-1-k", rows=2, impl=impl).eval()
     x, kpm = make_inputs((3, 5), 0)
     out, _ = attn(x, x, x, key_padding_mask=kpm, hw=(3, 5))
     v = x.clone()

@@ -111,18 +111,27 @@ class BucketCache:
 
     def __init__(self, maxsize: int = 16):
         self.maxsize = maxsize
-        self._store: "OrderedDict[tuple, Tensor]" = OrderedDict()
+        self._store: "OrderedDict[tuple, dict]" = OrderedDict()
 
-    def get(self, method: str, height: int, width: int, ratio: float, skip: int, device) -> Tensor:
+    def get(self, method: str, height: int, width: int, ratio: float, skip: int, device,
+            transposed: bool = False, dtype: torch.dtype = torch.long) -> Tensor:
+        """``(L, L)`` ids ``b(i, j)``; ``transposed=True``: ``b(j, i)``, contiguous, as the fused kernel reads them.
+
+        The layouts of one feature map (``transposed``, ``dtype``) share one cache entry.
+        """
         key = (method, float(ratio), int(height), int(width), int(skip), torch.device(device))
-        ids = self._store.get(key)
-        if ids is None:
+        layouts = self._store.get(key)
+        if layouts is None:
             ids, _ = bucket_ids_2d(method, height, width, ratio, skip, device=device)
-            self._store[key] = ids
+            layouts = self._store[key] = {(False, torch.long): ids}
             if len(self._store) > self.maxsize:
                 self._store.popitem(last=False)
         else:
             self._store.move_to_end(key)
+        ids = layouts.get((transposed, dtype))
+        if ids is None:
+            base = layouts[(False, torch.long)]
+            ids = layouts[(transposed, dtype)] = (base.t() if transposed else base).to(dtype).contiguous()
         return ids
 
     def __len__(self) -> int:

@@ -1,0 +1,496 @@
+// Fused iRPE attention for the CPU: softmax(scale q k^T + iRPE logits + padding) v (+ iRPE on
+// values), by blocks of query rows, each block handled in one pass while it sits in cache (the
+// pure-PyTorch row-chunked kernel in attention.py makes a dozen passes, one per tensor op).
+//
+// The iRPE terms (see Kind below) come as lookup tables plus (L, L) int32 bucket ids; a term's
+// per-pair values are read straight from its table (bias), from the block's queries projected
+// on every bucket (contextual on keys), or from the keys' projections computed once by the
+// caller (contextual on queries). Nothing of size L x L x head_dim, and no (B, H, L, L) tensor,
+// is ever formed. Backward recomputes each block's probabilities from the saved log-sum-exp, as
+// flash attention does, and returns one gradient per term (summed over batch and shared heads
+// by the caller, detr_irpe/irpe/native.py).
+//
+// Matrix products go to the BLAS that torch links (sgemm_ / dgemm_), called single-threaded
+// from inside at::parallel_for: forward splits over (batch, head, row block), backward over
+// (batch, head), since every row block adds to the key-side gradients of its head.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
+}
+
+namespace {
+
+using at::Tensor;
+
+// Row-major C (m x n) = alpha op(A) op(B) + beta C, via the column-major BLAS (C^T = op(B)^T op(A)^T).
+inline void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* A, int lda,
+                 const float* B, int ldb, float beta, float* C, int ldc) {
+  const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
+  sgemm_(&b, &a, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+inline void gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* A, int lda,
+                 const double* B, int ldb, double beta, double* C, int ldc) {
+  const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
+  dgemm_(&b, &a, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+// The row loops below (max, exp and sum) use GCC / Clang vector extensions: 16 floats, one
+// AVX-512 register (two AVX2 ones, four SSE / NEON ones). Plain loops with a running max or sum
+// are not vectorised well, since each step would wait for the previous one.
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+
+inline vfloat load(const float* x) {
+  vfloat v;
+  std::memcpy(&v, x, sizeof(v));
+  return v;
+}
+
+inline void store(float* x, vfloat v) { std::memcpy(x, &v, sizeof(v)); }
+
+inline vfloat broadcast(float x) { return vfloat{} + x; }
+
+// exp(x) for x <= 0: a Cephes-style polynomial (about 1 ulp). Arguments are first raised to
+// -86, where exp is still a normal number (subnormals are over a hundred times slower on x86,
+// and far below the row's largest weight, exp(0) = 1).
+inline vfloat exp_nonpositive(vfloat x) {
+  x = x < -86.f ? broadcast(-86.f) : x;
+  const vfloat r = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln 2)
+  const vint bits = (__builtin_convertvector(r, vint) + 127) << 23;     // 2^r
+  x = x - r * 0.693359375f + r * 2.12194440e-4f;
+  const vfloat z = x * x;
+  vfloat p = 1.9875691500e-4f * x + 1.3981999507e-3f;
+  p = p * x + 8.3334519073e-3f;
+  p = p * x + 4.1665795894e-2f;
+  p = p * x + 1.6666665459e-1f;
+  p = p * x + 5.0000001201e-1f;
+  p = p * z + x + 1.f;
+  return p * (vfloat)bits;
+}
+
+inline float exp_nonpositive(float x) {
+  float lanes[kLanes] = {x};
+  return exp_nonpositive(load(lanes))[0];
+}
+
+inline double exp_nonpositive(double x) { return std::exp(std::max(x, -700.0)); }
+
+// x[j] = exp(x[j] - shift) * keep[j] (keep: 0 on padded keys, or null); returns the sum.
+inline float exp_row(float* x, int64_t n, float shift, const float* keep) {
+  vfloat acc0{}, acc1{};
+  const vfloat s = broadcast(shift);
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+    vfloat p0 = exp_nonpositive(load(x + j) - s), p1 = exp_nonpositive(load(x + j + kLanes) - s);
+    if (keep) p0 *= load(keep + j), p1 *= load(keep + j + kLanes);
+    store(x + j, p0), store(x + j + kLanes, p1);
+    acc0 += p0, acc1 += p1;
+  }
+  float sum = 0.f;
+  for (; j < n; ++j) {
+    float p = exp_nonpositive(x[j] - shift);
+    if (keep) p *= keep[j];
+    x[j] = p;
+    sum += p;
+  }
+  acc0 += acc1;
+  for (int l = 0; l < kLanes; ++l) sum += acc0[l];
+  return sum;
+}
+
+inline double exp_row(double* x, int64_t n, double shift, const double* keep) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    double p = exp_nonpositive(x[j] - shift);
+    if (keep) p *= keep[j];
+    x[j] = p;
+    sum += p;
+  }
+  return sum;
+}
+
+inline float row_max(const float* x, int64_t n) {
+  const float lowest = -std::numeric_limits<float>::infinity();
+  vfloat m0 = broadcast(lowest), m1 = m0, m2 = m0, m3 = m0;
+  int64_t j = 0;
+  for (; j + 4 * kLanes <= n; j += 4 * kLanes) {
+    const vfloat a = load(x + j), b = load(x + j + kLanes), c = load(x + j + 2 * kLanes), d = load(x + j + 3 * kLanes);
+    m0 = a > m0 ? a : m0, m1 = b > m1 ? b : m1, m2 = c > m2 ? c : m2, m3 = d > m3 ? d : m3;
+  }
+  m0 = m1 > m0 ? m1 : m0, m2 = m3 > m2 ? m3 : m2, m0 = m2 > m0 ? m2 : m0;
+  float m = lowest;
+  for (int l = 0; l < kLanes; ++l) m = std::max(m, m0[l]);
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+inline double row_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// The kinds of iRPE term, as native.py hands them over (tables of H' = 1 or H heads):
+enum Kind : int64_t {
+  kBias = 0,    // logit += table[h', ids[i, j]]                          table (H', nb)
+  kRowCtx = 1,  // logit += scale q_i . table[h', :, ids[i, j]]            table (H', D, nb)
+  kColCtx = 2,  // logit += table[b, h, j, ids[i, j]]                      table (B, H, L, nb)
+  kValue = 3,   // out_i += sum_j a_ij table[h', ids[i, j], :]             table (H', nb, D)
+};
+
+template <typename T>
+struct Term {
+  Kind kind;
+  const T* table;
+  int64_t head_stride;  // of table; 0 for a table shared by all heads
+  const int32_t* ids;   // (L, L); for a term on queries already transposed: ids[i, j] = b(j, i)
+  int64_t nb;
+  T* grad = nullptr;  // bias (B, H, nb), row ctx (B, H, D, nb), column ctx (B, H, L, nb), value (B, H, nb, D)
+  bool logit() const { return kind != kValue; }
+  const T* head(int64_t h) const { return table + h * head_stride; }
+};
+
+template <typename T>
+std::vector<Term<T>> make_terms(const std::vector<int64_t>& kinds, const std::vector<Tensor>& tables,
+                                const std::vector<Tensor>& ids, int64_t H, int64_t L, int64_t D) {
+  TORCH_CHECK(kinds.size() == tables.size() && kinds.size() == ids.size(), "one kind and one ids per table");
+  std::vector<Term<T>> terms;
+  for (size_t e = 0; e < kinds.size(); ++e) {
+    const Tensor& table = tables[e];
+    TORCH_CHECK(kinds[e] >= kBias && kinds[e] <= kValue, "unknown iRPE term kind");
+    TORCH_CHECK(table.is_contiguous(), "iRPE tables must be contiguous");
+    TORCH_CHECK(ids[e].scalar_type() == at::kInt && ids[e].is_contiguous() && ids[e].dim() == 2 &&
+                    ids[e].size(0) == L && ids[e].size(1) == L,
+                "bucket ids must be contiguous int32 (L, L)");
+    Term<T> term;
+    term.kind = static_cast<Kind>(kinds[e]);
+    term.table = table.data_ptr<T>();
+    term.ids = ids[e].data_ptr<int32_t>();
+    if (term.kind == kColCtx) {
+      TORCH_CHECK(table.dim() == 4 && table.size(1) == H && table.size(2) == L, "column table must be (B, H, L, nb)");
+      term.nb = table.size(3);
+      term.head_stride = L * term.nb;
+    } else {
+      const int64_t heads = table.size(0);
+      TORCH_CHECK(heads == 1 || heads == H, "iRPE table must have 1 or H heads");
+      term.nb = term.kind == kValue ? table.size(1) : table.size(-1);
+      TORCH_CHECK(term.kind == kBias ? table.dim() == 2
+                                     : table.dim() == 3 && table.size(term.kind == kValue ? 2 : 1) == D,
+                  "iRPE table has the wrong shape");
+      term.head_stride = heads == 1 ? 0 : table.stride(0);
+    }
+    terms.push_back(term);
+  }
+  return terms;
+}
+
+// Per-thread scratch of one block: rows x nb per row-contextual or value term.
+template <typename T>
+struct Scratch {
+  std::vector<std::vector<T>> a, b;  // row ctx: projections and their gradient; value: masses and dO r^T
+  std::vector<T> acc4;
+  Scratch(const std::vector<Term<T>>& terms, int64_t rows) {
+    int64_t max_nb = 1;
+    for (const auto& term : terms) {
+      const bool blocky = term.kind == kRowCtx || term.kind == kValue;
+      a.emplace_back(blocky ? rows * term.nb : 0);
+      b.emplace_back(blocky ? rows * term.nb : 0);
+      max_nb = std::max(max_nb, term.nb);
+    }
+    acc4.resize(4 * max_nb);
+  }
+};
+
+// acc[n] += sum_j x[j] [ids[j] = n]. Four interleaved accumulators: neighbouring keys mostly
+// share a bucket, and with one accumulator every add would wait for the previous one.
+template <typename T>
+inline void bucket_sums(const T* x, const int32_t* id, int64_t L, int64_t nb, T* acc4, T* acc) {
+  std::fill(acc4, acc4 + 4 * nb, T(0));
+  int64_t j = 0;
+  for (; j + 4 <= L; j += 4) {
+    acc4[id[j]] += x[j];
+    acc4[nb + id[j + 1]] += x[j + 1];
+    acc4[2 * nb + id[j + 2]] += x[j + 2];
+    acc4[3 * nb + id[j + 3]] += x[j + 3];
+  }
+  for (; j < L; ++j) acc4[id[j]] += x[j];
+  for (int64_t n = 0; n < nb; ++n) acc[n] += acc4[n] + acc4[nb + n] + acc4[2 * nb + n] + acc4[3 * nb + n];
+}
+
+// s[j] += row[ids[j]]: the gather of a bias table or of a query's per-bucket projections.
+template <typename T>
+inline void gather_add(T* s, const T* row, const int32_t* id, int64_t L) {
+#pragma omp simd
+  for (int64_t j = 0; j < L; ++j) s[j] += row[id[j]];
+}
+
+template <typename T>
+struct Padding {
+  std::vector<T> add, keep;  // (B, L): -inf / 0 and 0 / 1 on padded / kept keys
+  bool any = false;
+  Padding(const Tensor& pad, int64_t B, int64_t L) {
+    if (!pad.defined() || pad.numel() == 0) return;
+    TORCH_CHECK(pad.scalar_type() == at::kBool && pad.is_contiguous() && pad.numel() == B * L,
+                "key padding mask must be contiguous bool (B, L)");
+    any = true;
+    add.assign(B * L, T(0));
+    keep.assign(B * L, T(1));
+    const bool* p = pad.data_ptr<bool>();
+    for (int64_t n = 0; n < B * L; ++n)
+      if (p[n]) add[n] = -std::numeric_limits<T>::infinity(), keep[n] = T(0);
+  }
+  const T* keep_row(int64_t b, int64_t L) const { return any ? keep.data() + b * L : nullptr; }
+};
+
+struct Shape {
+  int64_t B, H, L, D;
+};
+
+// Logits of query rows r0 : r0 + n of head (b, h) into s (n, L); leaves each row-contextual
+// term's projections of these queries, (n, nb), in scratch.a.
+template <typename T>
+void block_logits(T* s, const T* qh, const T* kh, int64_t r0, int64_t n, const Shape& sh, T scale,
+                  const std::vector<Term<T>>& terms, Scratch<T>& scratch, const Padding<T>& pad, int64_t b,
+                  int64_t h) {
+  const int64_t L = sh.L, D = sh.D;
+  gemm(false, true, n, L, D, scale, qh + r0 * D, D, kh, D, T(0), s, L);
+  for (size_t e = 0; e < terms.size(); ++e)
+    if (terms[e].kind == kRowCtx)
+      gemm(false, false, n, terms[e].nb, D, scale, qh + r0 * D, D, terms[e].head(h), terms[e].nb, T(0),
+           scratch.a[e].data(), terms[e].nb);
+  for (int64_t t = 0; t < n; ++t) {
+    T* row = s + t * L;
+    const int64_t i = r0 + t;
+    for (size_t e = 0; e < terms.size(); ++e) {
+      const auto& term = terms[e];
+      const int32_t* id = term.ids + i * L;
+      if (term.kind == kBias) {
+        gather_add(row, term.head(h), id, L);
+      } else if (term.kind == kRowCtx) {
+        gather_add(row, scratch.a[e].data() + t * term.nb, id, L);
+      } else if (term.kind == kColCtx) {
+        const T* keys = term.table + (b * sh.H + h) * term.head_stride;
+        const int64_t nb = term.nb;
+#pragma omp simd
+        for (int64_t j = 0; j < L; ++j) row[j] += keys[j * nb + id[j]];
+      }
+    }
+    if (pad.any) {
+      const T* add = pad.add.data() + b * L;
+#pragma omp simd
+      for (int64_t j = 0; j < L; ++j) row[j] += add[j];
+    }
+  }
+}
+
+Shape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
+              "q, k, v must be contiguous (B, H, L, D)");
+  TORCH_CHECK(q.sizes() == k.sizes() && q.sizes() == v.sizes(), "q, k, v must have one shape");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v: one dtype");
+  TORCH_CHECK(q.size(2) * std::max<int64_t>(q.size(3), 1) < (int64_t(1) << 31), "sequence too long");
+  return Shape{q.size(0), q.size(1), q.size(2), q.size(3)};
+}
+
+template <typename T>
+std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, double scale_d,
+                                 const Tensor& pad_mask, const std::vector<int64_t>& kinds,
+                                 const std::vector<Tensor>& tables, const std::vector<Tensor>& ids, int64_t rows) {
+  const Shape sh = check_qkv(q, k, v);
+  const int64_t B = sh.B, H = sh.H, L = sh.L, D = sh.D;
+  const T scale = static_cast<T>(scale_d);
+  const auto terms = make_terms<T>(kinds, tables, ids, H, L, D);
+  const Padding<T> pad(pad_mask, B, L);
+  Tensor out = at::empty_like(q), lse = at::empty({B, H, L}, q.options());
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>();
+  const int64_t blocks = (L + rows - 1) / rows;
+
+  at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(rows * L), inv(rows);
+    Scratch<T> scratch(terms, rows);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks, r0 = (task % blocks) * rows, b = bh / H, h = bh % H;
+      const int64_t n = std::min(rows, L - r0);
+      const T *qh = qp + bh * L * D, *kh = kp + bh * L * D, *vh = vp + bh * L * D;
+      block_logits(s.data(), qh, kh, r0, n, sh, scale, terms, scratch, pad, b, h);
+      for (size_t e = 0; e < terms.size(); ++e)
+        if (terms[e].kind == kValue) std::fill(scratch.a[e].begin(), scratch.a[e].end(), T(0));
+      for (int64_t t = 0; t < n; ++t) {
+        T* row = s.data() + t * L;
+        const T m = row_max(row, L);
+        const T sum = exp_row(row, L, m, pad.keep_row(b, L));
+        lp[bh * L + r0 + t] = m + std::log(sum);
+        inv[t] = T(1) / sum;
+        for (size_t e = 0; e < terms.size(); ++e) {
+          if (terms[e].kind != kValue) continue;
+          const int64_t nb = terms[e].nb;
+          T* mass = scratch.a[e].data() + t * nb;  // attention weight of each bucket
+          bucket_sums(row, terms[e].ids + (r0 + t) * L, L, nb, scratch.acc4.data(), mass);
+          for (int64_t c = 0; c < nb; ++c) mass[c] *= inv[t];
+        }
+      }
+      T* o = op + (bh * L + r0) * D;
+      gemm(false, false, n, D, L, T(1), s.data(), L, vh, D, T(0), o, D);
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t d = 0; d < D; ++d) o[t * D + d] *= inv[t];
+      for (size_t e = 0; e < terms.size(); ++e)
+        if (terms[e].kind == kValue)
+          gemm(false, false, n, D, terms[e].nb, T(1), scratch.a[e].data(), terms[e].nb, terms[e].head(h), D,
+               T(1), o, D);
+    }
+  });
+  return {out, lse};
+}
+
+template <typename T>
+std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                                  const Tensor& lse, const Tensor& grad_out, double scale_d,
+                                  const Tensor& pad_mask, const std::vector<int64_t>& kinds,
+                                  const std::vector<Tensor>& tables, const std::vector<Tensor>& ids, int64_t rows) {
+  const Shape sh = check_qkv(q, k, v);
+  const int64_t B = sh.B, H = sh.H, L = sh.L, D = sh.D;
+  TORCH_CHECK(out.is_contiguous() && grad_out.is_contiguous() && lse.is_contiguous() &&
+                  out.sizes() == q.sizes() && grad_out.sizes() == q.sizes() && lse.numel() == B * H * L,
+              "out, grad_out (B, H, L, D) and lse (B, H, L) must be contiguous");
+  const T scale = static_cast<T>(scale_d);
+  auto terms = make_terms<T>(kinds, tables, ids, H, L, D);
+  std::vector<Tensor> grads;
+  for (auto& term : terms) {
+    std::vector<int64_t> size{B, H, term.nb};
+    if (term.kind == kRowCtx) size = {B, H, D, term.nb};
+    if (term.kind == kColCtx) size = {B, H, L, term.nb};
+    if (term.kind == kValue) size = {B, H, term.nb, D};
+    grads.push_back(at::zeros(size, q.options()));
+    term.grad = grads.back().data_ptr<T>();
+  }
+  const Padding<T> pad(pad_mask, B, L);
+  Tensor gq = at::empty_like(q), gk = at::zeros_like(k), gv = at::zeros_like(v);
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *opt = out.data_ptr<T>();
+  const T *lp = lse.data_ptr<T>(), *gop = grad_out.data_ptr<T>();
+  T *gqp = gq.data_ptr<T>(), *gkp = gk.data_ptr<T>(), *gvp = gv.data_ptr<T>();
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> p(rows * L), dp(rows * L), delta(rows);
+    Scratch<T> scratch(terms, rows);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const T *qh = qp + bh * L * D, *kh = kp + bh * L * D, *vh = vp + bh * L * D;
+      const T *oh = opt + bh * L * D, *goh = gop + bh * L * D;
+      T *gkh = gkp + bh * L * D, *gvh = gvp + bh * L * D;
+      for (int64_t r0 = 0; r0 < L; r0 += rows) {
+        const int64_t n = std::min(rows, L - r0);
+        const T *q_blk = qh + r0 * D, *go_blk = goh + r0 * D;
+        T* gq_blk = gqp + (bh * L + r0) * D;
+        block_logits(p.data(), qh, kh, r0, n, sh, scale, terms, scratch, pad, b, h);
+        for (size_t e = 0; e < terms.size(); ++e)
+          if (terms[e].kind == kValue || terms[e].kind == kRowCtx)
+            std::fill(scratch.b[e].begin(), scratch.b[e].end(), T(0));
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t i = r0 + t;
+          T* row = p.data() + t * L;
+          exp_row(row, L, lp[bh * L + i], pad.keep_row(b, L));  // probabilities
+          T dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += goh[i * D + d] * oh[i * D + d];
+          delta[t] = dot;  // sum_j p_ij d p_ij = dO_i . O_i
+          for (size_t e = 0; e < terms.size(); ++e)
+            if (terms[e].kind == kValue)  // the weight of each bucket
+              bucket_sums(row, terms[e].ids + i * L, L, terms[e].nb, scratch.acc4.data(),
+                          scratch.b[e].data() + t * terms[e].nb);
+        }
+        for (size_t e = 0; e < terms.size(); ++e) {
+          const auto& term = terms[e];
+          if (term.kind != kValue) continue;
+          // d r = mass^T dO;  d p_ij += dO_i . r[b(i, j)] = (dO r^T)[i, b(i, j)]
+          gemm(true, false, term.nb, D, n, T(1), scratch.b[e].data(), term.nb, go_blk, D, T(1),
+               term.grad + bh * term.nb * D, D);
+          gemm(false, true, n, term.nb, D, T(1), go_blk, D, term.head(h), D, T(0), scratch.a[e].data(), term.nb);
+          std::fill(scratch.b[e].begin(), scratch.b[e].end(), T(0));
+        }
+        gemm(true, false, L, D, n, T(1), p.data(), L, go_blk, D, T(1), gvh, D);  // dV += P^T dO
+        gemm(false, true, n, L, D, T(1), go_blk, D, vh, D, T(0), dp.data(), L);  // dP = dO V^T
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t i = r0 + t;
+          T* drow = dp.data() + t * L;
+          const T* prow = p.data() + t * L;
+          for (size_t e = 0; e < terms.size(); ++e)
+            if (terms[e].kind == kValue) gather_add(drow, scratch.a[e].data() + t * terms[e].nb, terms[e].ids + i * L, L);
+          const T dl = delta[t];
+#pragma omp simd
+          for (int64_t j = 0; j < L; ++j) drow[j] = prow[j] * (drow[j] - dl);  // d logits
+          for (size_t e = 0; e < terms.size(); ++e) {
+            const auto& term = terms[e];
+            const int32_t* id = term.ids + i * L;
+            if (term.kind == kBias) {
+              bucket_sums(drow, id, L, term.nb, scratch.acc4.data(), term.grad + bh * term.nb);
+            } else if (term.kind == kRowCtx) {
+              bucket_sums(drow, id, L, term.nb, scratch.acc4.data(), scratch.b[e].data() + t * term.nb);
+            } else if (term.kind == kColCtx) {  // distinct keys j: distinct rows of the gradient
+              T* g = term.grad + bh * L * term.nb;
+              const int64_t nb = term.nb;
+#pragma omp simd
+              for (int64_t j = 0; j < L; ++j) g[j * nb + id[j]] += drow[j];
+            }
+          }
+        }
+        gemm(false, false, n, D, L, scale, dp.data(), L, kh, D, T(0), gq_blk, D);  // dQ = s dS K
+        gemm(true, false, L, D, n, scale, dp.data(), L, q_blk, D, T(1), gkh, D);  // dK += s dS^T Q
+        for (size_t e = 0; e < terms.size(); ++e) {
+          const auto& term = terms[e];
+          if (term.kind != kRowCtx) continue;  // projections p = s Q r: dQ += s dp r^T, dr += s Q^T dp
+          gemm(false, true, n, D, term.nb, scale, scratch.b[e].data(), term.nb, term.head(h), term.nb, T(1),
+               gq_blk, D);
+          gemm(true, false, D, term.nb, n, scale, q_blk, D, scratch.b[e].data(), term.nb, T(1),
+               term.grad + bh * D * term.nb, term.nb);
+        }
+      }
+    }
+  });
+  std::vector<Tensor> result{gq, gk, gv};
+  result.insert(result.end(), grads.begin(), grads.end());
+  return result;
+}
+
+std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, const Tensor& pad_mask,
+                            const std::vector<int64_t>& kinds, const std::vector<Tensor>& tables,
+                            const std::vector<Tensor>& ids, int64_t rows) {
+  TORCH_CHECK(rows > 0, "rows must be positive");
+  if (q.scalar_type() == at::kFloat) return forward_impl<float>(q, k, v, scale, pad_mask, kinds, tables, ids, rows);
+  TORCH_CHECK(q.scalar_type() == at::kDouble, "float32 or float64 only");
+  return forward_impl<double>(q, k, v, scale, pad_mask, kinds, tables, ids, rows);
+}
+
+std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                             const Tensor& grad_out, double scale, const Tensor& pad_mask,
+                             const std::vector<int64_t>& kinds, const std::vector<Tensor>& tables,
+                             const std::vector<Tensor>& ids, int64_t rows) {
+  TORCH_CHECK(rows > 0, "rows must be positive");
+  if (q.scalar_type() == at::kFloat)
+    return backward_impl<float>(q, k, v, out, lse, grad_out, scale, pad_mask, kinds, tables, ids, rows);
+  TORCH_CHECK(q.scalar_type() == at::kDouble, "float32 or float64 only");
+  return backward_impl<double>(q, k, v, out, lse, grad_out, scale, pad_mask, kinds, tables, ids, rows);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "fused iRPE attention forward: (out (B, H, L, D), lse (B, H, L))");
+  m.def("backward", &backward, "fused iRPE attention backward: dq, dk, dv, then one gradient per term");
+}

@@ -1,0 +1,170 @@
+"""The fused CPU kernel of the iRPE attention (``csrc/rpe_attention_cpu.cpp``) and its autograd wrapper.
+
+The kernel is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a
+minute, once per machine and torch version; cached under ``$TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``). It needs a C++ compiler and ``ninja``. Where it cannot be built,
+:func:`load` warns once and returns None, and the attention falls back to the pure-PyTorch
+row-chunked kernel (:mod:`.chunked`), which computes the same thing more slowly. Set
+``DETR_IRPE_NATIVE=0`` to skip the build.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .chunked import Plan, sum_heads
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "rpe_attention_cpu.cpp"
+ENV_SWITCH = "DETR_IRPE_NATIVE"
+
+# Term kinds, as csrc/rpe_attention_cpu.cpp numbers them.
+BIAS, ROW_CONTEXT, COLUMN_CONTEXT, VALUE = 0, 1, 2, 3
+
+# Query rows per block: about 2**16 logits (256 KiB in float32, so that a block, its gradient
+# and the keys stay in a core's L2 cache), between 16 and 128 rows.
+BLOCK_ELEMENTS = 1 << 16
+
+
+class _State:
+    lock = threading.Lock()
+    tried = False
+    module = None
+    error: Optional[str] = None
+
+
+def _compile_flags() -> Tuple[str, List[str]]:
+    """A tag naming the instruction set and the flags for it (not ``-march=native``: the build
+    cache may be shared by machines of one instruction-set level that differ otherwise)."""
+    flags = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP code inlined from torch's headers
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return platform.machine().lower() or "cpu", flags
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return "avx512", flags + ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"]
+    if capability == "AVX2":
+        return "avx2", flags + ["-mavx2", "-mfma"]
+    return "x86", flags
+
+
+def load():
+    """The compiled kernel module, or None (with a warning, once) when it cannot be built."""
+    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+        _State.error = f"disabled by {ENV_SWITCH}=0"
+        return None
+    if _State.tried:
+        return _State.module
+    with _State.lock:
+        if not _State.tried:
+            _State.module = _build()
+            _State.tried = True
+    return _State.module
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why :func:`load` returned None (None if it has not, or has not been called)."""
+    return _State.error
+
+
+def _build():
+    tag, flags = _compile_flags()
+    try:
+        from torch.utils import cpp_extension
+
+        logger.info("building the fused iRPE CPU kernel (once per machine, about a minute)")
+        return cpp_extension.load(name=f"detr_irpe_rpe_cpu_{tag}", sources=[str(SOURCE)],
+                                  extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # a missing compiler, ninja or BLAS symbol: fall back, do not fail
+        message = " ".join(str(exc).split())
+        _State.error = f"{type(exc).__name__}: {message[-600:]}"
+        warnings.warn(f"detr_irpe: could not build the fused iRPE CPU kernel ({_State.error}). Falling back "
+                      f"to the pure-PyTorch kernel, which gives the same results about twice as slowly. "
+                      f"The kernel needs a C++ compiler and ninja (pip install ninja); set {ENV_SWITCH}=0 "
+                      f"to skip the build.", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _kernel_terms(plan: Plan, tables, k: Tensor) -> Tuple[List[int], List[Tensor], List[Tensor]]:
+    """Kinds, tables and bucket ids of the plan's terms as the kernel takes them.
+
+    A contextual term on queries is handed over as the keys' projections on every bucket,
+    ``(k_j / sqrt(d)) . r[n]``, ``(B, H, L, nb)``; every other table as it is.
+    """
+    kinds, kernel_tables, ids = [], [], []
+    for term in plan.terms:
+        table = tables[term.position]
+        if term.which == "v":
+            kind = VALUE
+        elif term.mode == "bias":
+            kind = BIAS
+        elif term.which == "k":
+            kind = ROW_CONTEXT
+        else:
+            kind, table = COLUMN_CONTEXT, torch.matmul(k, table).mul_(plan.scale)
+        kinds.append(kind)
+        kernel_tables.append(table.contiguous())
+        ids.append(term.ids)
+    return kinds, kernel_tables, ids
+
+
+def _padding(plan: Plan, batch: int, length: int) -> Tensor:
+    if plan.pad is None:
+        return torch.empty(0, dtype=torch.bool)
+    return plan.pad.reshape(batch, length).contiguous()
+
+
+class FusedRPEAttention(torch.autograd.Function):
+    """:class:`.chunked.RowChunkedAttention` without dropout, by the compiled kernel.
+
+    Inputs: a :class:`.chunked.Plan` whose terms carry int32 ids as the kernel reads them
+    (transposed for a term on queries), q, k, v ``(B, H, L, D)`` and the tables its terms name.
+    Returns ``(B, H, L, D)``.
+    """
+
+    @staticmethod
+    def forward(ctx, plan: Plan, q: Tensor, k: Tensor, v: Tensor, *tables: Tensor) -> Tensor:
+        if plan.dropout:
+            raise ValueError("the fused iRPE kernel has no attention dropout; use the row-chunked kernel")
+        kernel = load()
+        B, H, L, _ = q.shape
+        ctx.table_dtypes = [t.dtype for t in tables]
+        tables = tuple(t.to(q.dtype) for t in tables)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        kinds, kernel_tables, ids = _kernel_terms(plan, tables, k)
+        out, lse = kernel.forward(q, k, v, plan.scale, _padding(plan, B, L), kinds, kernel_tables, ids, plan.rows)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse, *tables)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        plan: Plan = ctx.plan
+        q, k, v, out, lse, *tables = ctx.saved_tensors
+        B, H, L, _ = q.shape
+        kinds, kernel_tables, ids = _kernel_terms(plan, tables, k)
+        grad_q, grad_k, grad_v, *term_grads = load().backward(
+            q, k, v, out, lse, grad_out.contiguous(), plan.scale, _padding(plan, B, L), kinds, kernel_tables,
+            ids, plan.rows)
+        grad_tables: List[Optional[Tensor]] = [None] * len(tables)
+        for term, kind, grad in zip(plan.terms, kinds, term_grads):
+            table = tables[term.position]
+            if kind == COLUMN_CONTEXT:  # through the key projections s k r: dk += s g r^T, dr += s k^T g
+                grad_k += torch.matmul(grad, table.transpose(-2, -1)).mul_(plan.scale)
+                grad = torch.matmul(k.transpose(-2, -1), grad).mul_(plan.scale)
+            grad_tables[term.position] = sum_heads(grad.sum(0), table.shape[0])
+        grad_tables = [g.to(dt) for g, dt in zip(grad_tables, ctx.table_dtypes)]
+        return (None, grad_q, grad_k, grad_v, *grad_tables)
+
+
+def block_rows(length: int) -> int:
+    """Query rows per block of the fused kernel for ``length`` keys."""
+    return max(16, min(128, BLOCK_ELEMENTS // max(length, 1)))

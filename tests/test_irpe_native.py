@@ -1,0 +1,150 @@
+"""The compiled CPU kernel (``rpe_impl="native"``, the CPU default) against the naive float64
+reference, and how the attention picks it or falls back to the row-chunked kernel.
+
+The kernel is built on first use (about half a minute here); every test in this file needs it,
+so a machine without a compiler fails here rather than skipping.
+"""
+import itertools
+
+import pytest
+import torch
+
+from detr_irpe.irpe import RPEMultiheadAttention, native
+from irpe_reference import attention_ref
+from test_irpe_attention import COMBOS, make_inputs, randomize_tables
+from test_irpe_fastpaths import chunked, config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    module = native.load()
+    assert module is not None, native.unavailable_reason()
+    return module
+
+
+@pytest.mark.parametrize("method,mode,rpe_on,shared", COMBOS)
+def test_native_matches_reference_forward_and_backward(method, mode, rpe_on, shared):
+    """Outputs and the gradients of the input, the projections and every table, in float64."""
+    torch.manual_seed(0)
+    for (hw, skip), rows in itertools.product([((3, 5), 0), ((4, 2), 1)], [1, 4, None]):
+        attn = chunked(config(method, mode, rpe_on, shared, skip), rows=rows, impl="native").eval()
+        x, kpm = make_inputs(hw, skip)
+        x = x.requires_grad_()
+        grad = torch.randn_like(x)
+        out, _ = attn(x, x, x, key_padding_mask=kpm, hw=hw)
+        got = torch.autograd.grad(out, [x, *attn.parameters()], grad)
+        ref_out, _ = attention_ref(attn, x, kpm, hw)
+        want = torch.autograd.grad(ref_out, [x, *attn.parameters()], grad)
+        torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-9)
+        for (name, _), g, w in zip(attn.named_parameters(), got[1:], want[1:]):
+            torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-9, msg=f"gradient of {name}")
+        torch.testing.assert_close(got[0], want[0], rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("spec", ["rpe-2.0-product-ctx-1-k", "rpe-2.0-euc-bias-0-qk", "rpe-2.0-cross-ctx-1-qkv"])
+def test_float32_at_detr_size_matches_float64_reference(spec):
+    """A 25x34 feature map with a padded image, the float32 kernel (polynomial exp, blocks of
+    many rows, several threads) against the float64 reference."""
+    torch.manual_seed(0)
+    hw, heads, channels = (25, 34), 2, 32
+    L = hw[0] * hw[1]
+    attn = RPEMultiheadAttention(channels, heads, rpe=spec, rpe_impl="native").eval()
+    randomize_tables(attn, torch.Generator().manual_seed(2))
+    x = torch.randn(L, 2, channels)
+    kpm = torch.zeros(2, L, dtype=torch.bool)
+    kpm[1].view(hw)[:, 30:] = True
+    kpm[1].view(hw)[20:] = True
+    x = x.requires_grad_()
+    out, _ = attn(x, x, x, key_padding_mask=kpm, hw=hw)
+    got = torch.autograd.grad(out.square().sum(), [x, *attn.parameters()])
+    ref = attn.double()
+    x64 = x.detach().double().requires_grad_()
+    ref_out, _ = attention_ref(ref, x64, kpm, hw)
+    want = torch.autograd.grad(ref_out.square().sum(), [x64, *ref.parameters()])
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-4)
+
+
+def test_auto_picks_native_on_cpu_and_chunked_with_dropout():
+    q = torch.zeros(1, 2, 4, 8)
+    attn = RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k")
+    assert attn._blockwise_impl(q, need_weights=False, attn_mask=None, dropout=0.0) == "native"
+    assert attn._blockwise_impl(q.double(), need_weights=False, attn_mask=None, dropout=0.0) == "native"
+    assert attn._blockwise_impl(q, need_weights=False, attn_mask=None, dropout=0.1) == "chunked"
+    assert attn._blockwise_impl(q, need_weights=True, attn_mask=None, dropout=0.0) is None
+    assert attn._blockwise_impl(q, need_weights=False, attn_mask=torch.zeros(4, 4), dropout=0.0) is None
+    assert attn._blockwise_impl(q.bfloat16(), need_weights=False, attn_mask=None, dropout=0.0) is None
+    for impl, want in [("chunked", "chunked"), ("sdpa", None), ("native", "native")]:
+        layer = RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k", rpe_impl=impl)
+        assert layer._blockwise_impl(q, need_weights=False, attn_mask=None, dropout=0.0) == want
+    with pytest.raises(ValueError, match="rpe_impl"):
+        RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k", rpe_impl="flash")
+
+
+def test_training_with_dropout_uses_chunked_and_eval_uses_native(monkeypatch):
+    from detr_irpe.irpe import attention as attention_module
+
+    calls = []
+
+    def spy(name, kernel):
+        return type(name, (), {"apply": staticmethod(lambda *args: calls.append(name) or kernel.apply(*args))})
+
+    monkeypatch.setattr(attention_module, "RowChunkedAttention", spy("chunked", attention_module.RowChunkedAttention))
+    monkeypatch.setattr(native, "FusedRPEAttention", spy("native", native.FusedRPEAttention))
+    attn = RPEMultiheadAttention(16, 2, dropout=0.1, rpe="rpe-2.0-product-ctx-1-k")
+    x = torch.randn(12, 1, 16)
+    attn.train()(x, x, x, hw=(3, 4))
+    attn.eval()(x, x, x, hw=(3, 4))
+    assert calls == ["chunked", "native"]
+
+
+def test_fallback_when_the_kernel_cannot_be_built(monkeypatch):
+    """A failed build warns once, names the cause and what to install; auto falls back, native refuses."""
+    from torch.utils import cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(native._State, "tried", False)
+    monkeypatch.setattr(native._State, "module", None)
+    monkeypatch.setattr(native._State, "error", None)
+    with pytest.warns(RuntimeWarning, match=r"could not build the fused iRPE CPU kernel.*Ninja is required.*pip install ninja"):
+        assert native.load() is None
+    assert "Ninja is required" in native.unavailable_reason()
+    q = torch.zeros(1, 2, 4, 8)
+    auto = RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k")
+    assert auto._blockwise_impl(q, need_weights=False, attn_mask=None, dropout=0.0) == "chunked"
+    x = torch.randn(12, 1, 16)
+    out, _ = auto(x, x, x, hw=(3, 4))  # runs, on the chunked kernel
+    strict = RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k", rpe_impl="native")
+    with pytest.raises(RuntimeError, match=r"rpe_impl='native'.*unavailable.*Ninja is required.*rpe_impl='auto'"):
+        strict(x, x, x, hw=(3, 4))
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    monkeypatch.setattr(native._State, "error", None)
+    assert native.load() is None
+    assert native.unavailable_reason() == "disabled by DETR_IRPE_NATIVE=0"
+
+
+def test_kernel_rejects_malformed_inputs(kernel):
+    q = torch.randn(1, 2, 6, 4)
+    ids = torch.zeros(6, 6, dtype=torch.int32)
+    empty = torch.empty(0, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="int32"):
+        kernel.forward(q, q, q, 0.5, empty, [0], [torch.zeros(2, 3)], [ids.long()], 4)
+    with pytest.raises(RuntimeError, match="1 or H heads"):
+        kernel.forward(q, q, q, 0.5, empty, [0], [torch.zeros(3, 3)], [ids], 4)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernel.forward(q.transpose(2, 3), q, q, 0.5, empty, [], [], [], 4)
+    out, lse = kernel.forward(q, q, q, 0.5, empty, [0], [torch.zeros(2, 3)], [ids], 4)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, scale=0.5))
+
+
+def test_block_rows_keep_a_block_small():
+    assert native.block_rows(850) == 77
+    assert native.block_rows(16) == 128
+    assert native.block_rows(100_000) == 16
