@@ -132,15 +132,26 @@ def test_switched_off_by_environment(monkeypatch):
 
 def test_kernel_rejects_malformed_inputs(kernel):
     q = torch.randn(1, 2, 6, 4)
-    ids = torch.zeros(6, 6, dtype=torch.int32)
+    ids = torch.zeros(6, 6, dtype=torch.int16)
     empty = torch.empty(0, dtype=torch.bool)
-    with pytest.raises(RuntimeError, match="int32"):
-        kernel.forward(q, q, q, 0.5, empty, [0], [torch.zeros(2, 3)], [ids.long()], 4)
+    none = torch.empty(0, dtype=torch.int16)
+
+    def forward(q, tables, ids, factors=(none, none, 0)):
+        rows, cols, side = factors
+        n = len(tables)
+        return kernel.forward(q, q, q, 0.5, empty, [0] * n, tables, ids, [rows] * n, [cols] * n, [side] * n, 4)
+
+    with pytest.raises(RuntimeError, match="int16"):
+        forward(q, [torch.zeros(2, 3)], [ids.long()])
     with pytest.raises(RuntimeError, match="1 or H heads"):
-        kernel.forward(q, q, q, 0.5, empty, [0], [torch.zeros(3, 3)], [ids], 4)
+        forward(q, [torch.zeros(3, 3)], [ids])
+    with pytest.raises(RuntimeError, match="gh \\* gw = L"):
+        forward(q, [torch.zeros(2, 3)], [ids], (torch.zeros(2, 2, dtype=torch.int16), torch.zeros(2, 2, dtype=torch.int16), 1))
+    with pytest.raises(RuntimeError, match="out of the table's range"):
+        forward(q, [torch.zeros(2, 3)], [ids], (torch.ones(2, 2, dtype=torch.int16), torch.ones(3, 3, dtype=torch.int16), 3))
     with pytest.raises(RuntimeError, match="contiguous"):
-        kernel.forward(q.transpose(2, 3), q, q, 0.5, empty, [], [], [], 4)
-    out, lse = kernel.forward(q, q, q, 0.5, empty, [0], [torch.zeros(2, 3)], [ids], 4)
+        forward(q.transpose(2, 3), [], [])
+    out, lse = forward(q, [torch.zeros(2, 3)], [ids])
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, scale=0.5))
 
 

@@ -128,8 +128,9 @@ class RPEMultiheadAttention(nn.Module):
                              f"tokens, but the sequence has {length}; pass the feature map's (H, W) and set "
                              f"RPEConfig.skip to the number of extra tokens")
 
-        def get_ids(method: str, **layout) -> Tensor:
-            return self.bucket_cache.get(method, height, width, cfg.ratio, cfg.skip, device, **layout)
+        def get_ids(method: str, factors: bool = False, **layout):
+            lookup = self.bucket_cache.factors if factors else self.bucket_cache.get
+            return lookup(method, height, width, cfg.ratio, cfg.skip, device, **layout)
 
         return get_ids, (height, width)
 
@@ -218,12 +219,14 @@ class RPEMultiheadAttention(nn.Module):
             if module is None:
                 continue
             for table in (module.rp_rows, module.rp_cols) if hasattr(module, "rp_rows") else (module,):
-                if fused:  # int32 ids, transposed for a term on queries: the kernel reads rows of b(j, i)
-                    ids, along = get_ids(table.method, transposed=which == "q", dtype=torch.int32), 0
+                if fused:  # int16 ids, transposed for a term on queries: the kernel reads rows of b(j, i)
+                    layout = dict(transposed=which == "q", dtype=torch.int16)
+                    term = Term(which, table.mode, get_ids(table.method, **layout), len(tables), grid,
+                                factors=get_ids(table.method, factors=True, **layout))
                 else:
-                    ids = get_ids(table.method)
                     along = {"cross_rows": -1, "cross_cols": -2}.get(table.method, 0) if cfg.skip == 0 else 0
-                terms.append(Term(which, table.mode, ids, len(tables), grid, along))
+                    term = Term(which, table.mode, get_ids(table.method), len(tables), grid, along)
+                terms.append(term)
                 tables.append(table.lookup_table_bias if table.mode == "bias" else table.lookup_table_weight)
         pad = None
         if key_padding_mask is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -102,6 +102,29 @@ def bucket_ids_2d(method: str, height: int, width: int, ratio: float, skip: int 
     return ids.contiguous(), n
 
 
+@torch.no_grad()
+def bucket_factors(method: str, height: int, width: int, ratio: float,
+                   device=None) -> Optional[Tuple[Tensor, Tensor, int]]:
+    """The row and column parts of a separable method's bucket ids (no skip tokens).
+
+    For ``product``, ``cross_rows`` and ``cross_cols``, returns ``(rows (H, H), cols (W, W), side)``
+    with ``ids[(yi, xi), (yj, xj)] = rows[yi, yj] * side + cols[xi, xj]``, the ids of
+    :func:`bucket_ids_2d`; the fused kernel uses it to handle a query's keys row by row. None for
+    ``euc`` and ``quant``, whose buckets depend on both offsets at once.
+    """
+    if method not in ("product", "cross_rows", "cross_cols"):
+        return None
+    alpha, beta, gamma = 1.0 * ratio, 2.0 * ratio, 8.0 * ratio
+    beta_int = int(beta)
+    rows = piecewise_index(_offsets(height, device), alpha, beta, gamma) + beta_int
+    cols = piecewise_index(_offsets(width, device), alpha, beta, gamma) + beta_int
+    if method == "cross_rows":
+        return rows, torch.zeros_like(cols), 1
+    if method == "cross_cols":
+        return torch.zeros_like(rows), cols, 0
+    return rows, cols, 2 * beta_int + 1
+
+
 class BucketCache:
     """A small LRU cache of bucket ids keyed by (method, ratio, H, W, skip, device).
 
@@ -113,12 +136,8 @@ class BucketCache:
         self.maxsize = maxsize
         self._store: "OrderedDict[tuple, dict]" = OrderedDict()
 
-    def get(self, method: str, height: int, width: int, ratio: float, skip: int, device,
-            transposed: bool = False, dtype: torch.dtype = torch.long) -> Tensor:
-        """``(L, L)`` ids ``b(i, j)``; ``transposed=True``: ``b(j, i)``, contiguous, as the fused kernel reads them.
-
-        The layouts of one feature map (``transposed``, ``dtype``) share one cache entry.
-        """
+    def _entry(self, method: str, height: int, width: int, ratio: float, skip: int, device) -> dict:
+        """The layouts cached for one feature map, keyed by layout; holds the plain ids at least."""
         key = (method, float(ratio), int(height), int(width), int(skip), torch.device(device))
         layouts = self._store.get(key)
         if layouts is None:
@@ -128,11 +147,33 @@ class BucketCache:
                 self._store.popitem(last=False)
         else:
             self._store.move_to_end(key)
+        return layouts
+
+    def get(self, method: str, height: int, width: int, ratio: float, skip: int, device,
+            transposed: bool = False, dtype: torch.dtype = torch.long) -> Tensor:
+        """``(L, L)`` ids ``b(i, j)``; ``transposed=True``: ``b(j, i)``, contiguous, as the fused kernel reads them."""
+        layouts = self._entry(method, height, width, ratio, skip, device)
         ids = layouts.get((transposed, dtype))
         if ids is None:
             base = layouts[(False, torch.long)]
             ids = layouts[(transposed, dtype)] = (base.t() if transposed else base).to(dtype).contiguous()
         return ids
+
+    def factors(self, method: str, height: int, width: int, ratio: float, skip: int, device,
+                transposed: bool = False, dtype: torch.dtype = torch.long) -> Optional[Tuple[Tensor, Tensor, int]]:
+        """:func:`bucket_factors` of a feature map (None with skip tokens), cached with its ids;
+        ``transposed=True``: the factors of ``b(j, i)``."""
+        layouts = self._entry(method, height, width, ratio, skip, device)
+        key = ("factors", transposed, dtype)
+        if key not in layouts:
+            factors = bucket_factors(method, height, width, ratio, device) if skip == 0 else None
+            if factors is not None:
+                rows, cols, side = factors
+                if transposed:
+                    rows, cols = rows.t(), cols.t()
+                factors = (rows.to(dtype).contiguous(), cols.to(dtype).contiguous(), side)
+            layouts[key] = factors
+        return layouts[key]
 
     def __len__(self) -> int:
         return len(self._store)

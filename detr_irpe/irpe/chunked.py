@@ -39,6 +39,7 @@ class Term(NamedTuple):
     position: int
     grid: Optional[Tuple[int, int]] = None
     constant_along: int = 0
+    factors: Optional[Tuple[Tensor, Tensor, int]] = None  # separable ids, for the fused kernel only
 
 
 class Plan(NamedTuple):

@@ -93,13 +93,15 @@ def _build():
         return None
 
 
-def _kernel_terms(plan: Plan, tables, k: Tensor) -> Tuple[List[int], List[Tensor], List[Tensor]]:
-    """Kinds, tables and bucket ids of the plan's terms as the kernel takes them.
+def _kernel_terms(plan: Plan, tables, k: Tensor) -> tuple:
+    """The plan's terms as the kernel takes them: lists of kinds, tables, bucket ids, separable
+    factors (row part, column part, side; empty tensors and 0 when the ids do not separate).
 
     A contextual term on queries is handed over as the keys' projections on every bucket,
     ``(k_j / sqrt(d)) . r[n]``, ``(B, H, L, nb)``; every other table as it is.
     """
-    kinds, kernel_tables, ids = [], [], []
+    kinds, kernel_tables, ids, factor_rows, factor_cols, sides = [], [], [], [], [], []
+    none = torch.empty(0, dtype=torch.int16)
     for term in plan.terms:
         table = tables[term.position]
         if term.which == "v":
@@ -113,7 +115,9 @@ def _kernel_terms(plan: Plan, tables, k: Tensor) -> Tuple[List[int], List[Tensor
         kinds.append(kind)
         kernel_tables.append(table.contiguous())
         ids.append(term.ids)
-    return kinds, kernel_tables, ids
+        rows, cols, side = term.factors if term.factors is not None else (none, none, 0)
+        factor_rows.append(rows), factor_cols.append(cols), sides.append(side)
+    return kinds, kernel_tables, ids, factor_rows, factor_cols, sides
 
 
 def _padding(plan: Plan, batch: int, length: int) -> Tensor:
@@ -125,7 +129,7 @@ def _padding(plan: Plan, batch: int, length: int) -> Tensor:
 class FusedRPEAttention(torch.autograd.Function):
     """:class:`.chunked.RowChunkedAttention` without dropout, by the compiled kernel.
 
-    Inputs: a :class:`.chunked.Plan` whose terms carry int32 ids as the kernel reads them
+    Inputs: a :class:`.chunked.Plan` whose terms carry int16 ids as the kernel reads them
     (transposed for a term on queries), q, k, v ``(B, H, L, D)`` and the tables its terms name.
     Returns ``(B, H, L, D)``.
     """
@@ -139,8 +143,8 @@ class FusedRPEAttention(torch.autograd.Function):
         ctx.table_dtypes = [t.dtype for t in tables]
         tables = tuple(t.to(q.dtype) for t in tables)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        kinds, kernel_tables, ids = _kernel_terms(plan, tables, k)
-        out, lse = kernel.forward(q, k, v, plan.scale, _padding(plan, B, L), kinds, kernel_tables, ids, plan.rows)
+        terms = _kernel_terms(plan, tables, k)
+        out, lse = kernel.forward(q, k, v, plan.scale, _padding(plan, B, L), *terms, plan.rows)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse, *tables)
         return out
@@ -150,10 +154,10 @@ class FusedRPEAttention(torch.autograd.Function):
         plan: Plan = ctx.plan
         q, k, v, out, lse, *tables = ctx.saved_tensors
         B, H, L, _ = q.shape
-        kinds, kernel_tables, ids = _kernel_terms(plan, tables, k)
+        terms = _kernel_terms(plan, tables, k)
+        kinds = terms[0]
         grad_q, grad_k, grad_v, *term_grads = load().backward(
-            q, k, v, out, lse, grad_out.contiguous(), plan.scale, _padding(plan, B, L), kinds, kernel_tables,
-            ids, plan.rows)
+            q, k, v, out, lse, grad_out.contiguous(), plan.scale, _padding(plan, B, L), *terms, plan.rows)
         grad_tables: List[Optional[Tensor]] = [None] * len(tables)
         for term, kind, grad in zip(plan.terms, kinds, term_grads):
             table = tables[term.position]

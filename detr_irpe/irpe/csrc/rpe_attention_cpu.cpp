@@ -2,7 +2,7 @@
 // values), by blocks of query rows, each block handled in one pass while it sits in cache (the
 // pure-PyTorch row-chunked kernel in attention.py makes a dozen passes, one per tensor op).
 //
-// The iRPE terms (see Kind below) come as lookup tables plus (L, L) int32 bucket ids; a term's
+// The iRPE terms (see Kind below) come as lookup tables plus (L, L) int16 bucket ids; a term's
 // per-pair values are read straight from its table (bias), from the block's queries projected
 // on every bucket (contextual on keys), or from the keys' projections computed once by the
 // caller (contextual on queries). Nothing of size L x L x head_dim, and no (B, H, L, L) tensor,
@@ -147,6 +147,10 @@ inline double row_max(const double* x, int64_t n) {
   return m;
 }
 
+// Bucket ids: int16 halves the bytes read per logit (the ids of a head are read once per head);
+// native.py sends tables of more than 32767 buckets to the row-chunked kernel instead.
+using bucket_t = int16_t;
+
 // The kinds of iRPE term, as native.py hands them over (tables of H' = 1 or H heads):
 enum Kind : int64_t {
   kBias = 0,    // logit += table[h', ids[i, j]]                          table (H', nb)
@@ -160,29 +164,38 @@ struct Term {
   Kind kind;
   const T* table;
   int64_t head_stride;  // of table; 0 for a table shared by all heads
-  const int32_t* ids;   // (L, L); for a term on queries already transposed: ids[i, j] = b(j, i)
+  const bucket_t* ids;  // (L, L); for a term on queries already transposed: ids[i, j] = b(j, i)
   int64_t nb;
   T* grad = nullptr;  // bias (B, H, nb), row ctx (B, H, D, nb), column ctx (B, H, L, nb), value (B, H, nb, D)
+  // Separable ids (product and cross methods, no skip token; null otherwise), for an (gh, gw) grid:
+  // ids[(yi, xi), (yj, xj)] = rows[yi, yj] * side + cols[xi, xj], rows in [0, ny).
+  const bucket_t* rows = nullptr;
+  const bucket_t* cols = nullptr;
+  int64_t gh = 0, gw = 0, side = 0, ny = 0;
   bool logit() const { return kind != kValue; }
   const T* head(int64_t h) const { return table + h * head_stride; }
 };
 
 template <typename T>
 std::vector<Term<T>> make_terms(const std::vector<int64_t>& kinds, const std::vector<Tensor>& tables,
-                                const std::vector<Tensor>& ids, int64_t H, int64_t L, int64_t D) {
-  TORCH_CHECK(kinds.size() == tables.size() && kinds.size() == ids.size(), "one kind and one ids per table");
+                                const std::vector<Tensor>& ids, const std::vector<Tensor>& factor_rows,
+                                const std::vector<Tensor>& factor_cols, const std::vector<int64_t>& sides,
+                                int64_t H, int64_t L, int64_t D) {
+  TORCH_CHECK(kinds.size() == tables.size() && kinds.size() == ids.size() && kinds.size() == factor_rows.size() &&
+                  kinds.size() == factor_cols.size() && kinds.size() == sides.size(),
+              "one kind, ids and factors per table");
   std::vector<Term<T>> terms;
   for (size_t e = 0; e < kinds.size(); ++e) {
     const Tensor& table = tables[e];
     TORCH_CHECK(kinds[e] >= kBias && kinds[e] <= kValue, "unknown iRPE term kind");
     TORCH_CHECK(table.is_contiguous(), "iRPE tables must be contiguous");
-    TORCH_CHECK(ids[e].scalar_type() == at::kInt && ids[e].is_contiguous() && ids[e].dim() == 2 &&
+    TORCH_CHECK(ids[e].scalar_type() == at::kShort && ids[e].is_contiguous() && ids[e].dim() == 2 &&
                     ids[e].size(0) == L && ids[e].size(1) == L,
-                "bucket ids must be contiguous int32 (L, L)");
+                "bucket ids must be contiguous int16 (L, L)");
     Term<T> term;
     term.kind = static_cast<Kind>(kinds[e]);
     term.table = table.data_ptr<T>();
-    term.ids = ids[e].data_ptr<int32_t>();
+    term.ids = ids[e].data_ptr<bucket_t>();
     if (term.kind == kColCtx) {
       TORCH_CHECK(table.dim() == 4 && table.size(1) == H && table.size(2) == L, "column table must be (B, H, L, nb)");
       term.nb = table.size(3);
@@ -196,6 +209,19 @@ std::vector<Term<T>> make_terms(const std::vector<int64_t>& kinds, const std::ve
                   "iRPE table has the wrong shape");
       term.head_stride = heads == 1 ? 0 : table.stride(0);
     }
+    const Tensor &fr = factor_rows[e], &fc = factor_cols[e];
+    if (fr.numel() > 0 && term.kind != kColCtx) {
+      TORCH_CHECK(fr.scalar_type() == at::kShort && fc.scalar_type() == at::kShort && fr.is_contiguous() &&
+                      fc.is_contiguous() && fr.dim() == 2 && fc.dim() == 2 && fr.size(0) == fr.size(1) &&
+                      fc.size(0) == fc.size(1) && fr.size(0) * fc.size(0) == L,
+                  "bucket factors must be contiguous int16 (gh, gh) and (gw, gw) with gh * gw = L");
+      term.rows = fr.data_ptr<bucket_t>(), term.cols = fc.data_ptr<bucket_t>();
+      term.gh = fr.size(0), term.gw = fc.size(0), term.side = sides[e];
+      term.ny = fr.max().item<int64_t>() + 1;
+      TORCH_CHECK(fr.min().item<int64_t>() >= 0 && fc.min().item<int64_t>() >= 0 &&
+                      (term.ny - 1) * term.side + fc.max().item<int64_t>() < term.nb,
+                  "bucket factors out of the table's range");
+    }
     terms.push_back(term);
   }
   return terms;
@@ -205,23 +231,23 @@ std::vector<Term<T>> make_terms(const std::vector<int64_t>& kinds, const std::ve
 template <typename T>
 struct Scratch {
   std::vector<std::vector<T>> a, b;  // row ctx: projections and their gradient; value: masses and dO r^T
-  std::vector<T> acc4;
+  std::vector<T> work;  // of term_gather / term_sums
   Scratch(const std::vector<Term<T>>& terms, int64_t rows) {
-    int64_t max_nb = 1;
+    int64_t size = 1;
     for (const auto& term : terms) {
       const bool blocky = term.kind == kRowCtx || term.kind == kValue;
       a.emplace_back(blocky ? rows * term.nb : 0);
       b.emplace_back(blocky ? rows * term.nb : 0);
-      max_nb = std::max(max_nb, term.nb);
+      size = std::max({size, 4 * term.nb, term.ny * term.gw});
     }
-    acc4.resize(4 * max_nb);
+    work.resize(size);
   }
 };
 
 // acc[n] += sum_j x[j] [ids[j] = n]. Four interleaved accumulators: neighbouring keys mostly
 // share a bucket, and with one accumulator every add would wait for the previous one.
 template <typename T>
-inline void bucket_sums(const T* x, const int32_t* id, int64_t L, int64_t nb, T* acc4, T* acc) {
+inline void bucket_sums(const T* x, const bucket_t* id, int64_t L, int64_t nb, T* acc4, T* acc) {
   std::fill(acc4, acc4 + 4 * nb, T(0));
   int64_t j = 0;
   for (; j + 4 <= L; j += 4) {
@@ -236,9 +262,52 @@ inline void bucket_sums(const T* x, const int32_t* id, int64_t L, int64_t nb, T*
 
 // s[j] += row[ids[j]]: the gather of a bias table or of a query's per-bucket projections.
 template <typename T>
-inline void gather_add(T* s, const T* row, const int32_t* id, int64_t L) {
+inline void gather_add(T* s, const T* row, const bucket_t* id, int64_t L) {
 #pragma omp simd
   for (int64_t j = 0; j < L; ++j) s[j] += row[id[j]];
+}
+
+// s[j] += row[ids[i, j]] for every key j of query i; work: ny * gw scratch when separable.
+// Separable ids: the values of one key row are a window of the (ny, gw) table
+// e[r, xj] = row[r * side + cols[xi, xj]], so they are copied row by row instead of gathered.
+template <typename T>
+inline void term_gather(T* s, const T* row, const Term<T>& term, int64_t i, int64_t L, T* work) {
+  if (!term.rows) return gather_add(s, row, term.ids + i * L, L);
+  const int64_t gw = term.gw, yi = i / gw, xi = i % gw;
+  const bucket_t *cols = term.cols + xi * gw, *rows = term.rows + yi * term.gh;
+  for (int64_t r = 0; r < term.ny; ++r) {
+    const T* m = row + r * term.side;
+    T* e = work + r * gw;
+    for (int64_t x = 0; x < gw; ++x) e[x] = m[cols[x]];
+  }
+  for (int64_t y = 0; y < term.gh; ++y) {
+    const T* e = work + rows[y] * gw;
+    T* seg = s + y * gw;
+#pragma omp simd
+    for (int64_t x = 0; x < gw; ++x) seg[x] += e[x];
+  }
+}
+
+// acc[n] += sum_j x[j] [ids[i, j] = n]; work: max(4 nb, ny gw) scratch. Separable ids: key rows
+// of one row bucket are summed first (contiguous adds), then each (row bucket, column) once.
+template <typename T>
+inline void term_sums(const T* x, const Term<T>& term, int64_t i, int64_t L, T* work, T* acc) {
+  if (!term.rows) return bucket_sums(x, term.ids + i * L, L, term.nb, work, acc);
+  const int64_t gw = term.gw, yi = i / gw, xi = i % gw;
+  const bucket_t *cols = term.cols + xi * gw, *rows = term.rows + yi * term.gh;
+  std::fill(work, work + term.ny * gw, T(0));
+  for (int64_t y = 0; y < term.gh; ++y) {
+    T* f = work + rows[y] * gw;
+    const T* seg = x + y * gw;
+#pragma omp simd
+    for (int64_t c = 0; c < gw; ++c) f[c] += seg[c];
+  }
+  // columns outermost: neighbouring columns often share a bucket, and the ny independent adds
+  // of one column hide the latency of the previous column's adds to the same addresses
+  for (int64_t c = 0; c < gw; ++c) {
+    T* a = acc + cols[c];
+    for (int64_t r = 0; r < term.ny; ++r) a[r * term.side] += work[r * gw + c];
+  }
 }
 
 template <typename T>
@@ -280,11 +349,11 @@ void block_logits(T* s, const T* qh, const T* kh, int64_t r0, int64_t n, const S
     const int64_t i = r0 + t;
     for (size_t e = 0; e < terms.size(); ++e) {
       const auto& term = terms[e];
-      const int32_t* id = term.ids + i * L;
+      const bucket_t* id = term.ids + i * L;
       if (term.kind == kBias) {
-        gather_add(row, term.head(h), id, L);
+        term_gather(row, term.head(h), term, i, L, scratch.work.data());
       } else if (term.kind == kRowCtx) {
-        gather_add(row, scratch.a[e].data() + t * term.nb, id, L);
+        term_gather(row, scratch.a[e].data() + t * term.nb, term, i, L, scratch.work.data());
       } else if (term.kind == kColCtx) {
         const T* keys = term.table + (b * sh.H + h) * term.head_stride;
         const int64_t nb = term.nb;
@@ -312,11 +381,14 @@ Shape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
 template <typename T>
 std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, double scale_d,
                                  const Tensor& pad_mask, const std::vector<int64_t>& kinds,
-                                 const std::vector<Tensor>& tables, const std::vector<Tensor>& ids, int64_t rows) {
+                                 const std::vector<Tensor>& tables, const std::vector<Tensor>& ids,
+                                 const std::vector<Tensor>& factor_rows,
+                                 const std::vector<Tensor>& factor_cols, const std::vector<int64_t>& sides,
+                                 int64_t rows) {
   const Shape sh = check_qkv(q, k, v);
   const int64_t B = sh.B, H = sh.H, L = sh.L, D = sh.D;
   const T scale = static_cast<T>(scale_d);
-  const auto terms = make_terms<T>(kinds, tables, ids, H, L, D);
+  const auto terms = make_terms<T>(kinds, tables, ids, factor_rows, factor_cols, sides, H, L, D);
   const Padding<T> pad(pad_mask, B, L);
   Tensor out = at::empty_like(q), lse = at::empty({B, H, L}, q.options());
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
@@ -343,7 +415,7 @@ std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor&
           if (terms[e].kind != kValue) continue;
           const int64_t nb = terms[e].nb;
           T* mass = scratch.a[e].data() + t * nb;  // attention weight of each bucket
-          bucket_sums(row, terms[e].ids + (r0 + t) * L, L, nb, scratch.acc4.data(), mass);
+          term_sums(row, terms[e], r0 + t, L, scratch.work.data(), mass);
           for (int64_t c = 0; c < nb; ++c) mass[c] *= inv[t];
         }
       }
@@ -364,14 +436,17 @@ template <typename T>
 std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                                   const Tensor& lse, const Tensor& grad_out, double scale_d,
                                   const Tensor& pad_mask, const std::vector<int64_t>& kinds,
-                                  const std::vector<Tensor>& tables, const std::vector<Tensor>& ids, int64_t rows) {
+                                  const std::vector<Tensor>& tables, const std::vector<Tensor>& ids,
+                                 const std::vector<Tensor>& factor_rows,
+                                 const std::vector<Tensor>& factor_cols, const std::vector<int64_t>& sides,
+                                 int64_t rows) {
   const Shape sh = check_qkv(q, k, v);
   const int64_t B = sh.B, H = sh.H, L = sh.L, D = sh.D;
   TORCH_CHECK(out.is_contiguous() && grad_out.is_contiguous() && lse.is_contiguous() &&
                   out.sizes() == q.sizes() && grad_out.sizes() == q.sizes() && lse.numel() == B * H * L,
               "out, grad_out (B, H, L, D) and lse (B, H, L) must be contiguous");
   const T scale = static_cast<T>(scale_d);
-  auto terms = make_terms<T>(kinds, tables, ids, H, L, D);
+  auto terms = make_terms<T>(kinds, tables, ids, factor_rows, factor_cols, sides, H, L, D);
   std::vector<Tensor> grads;
   for (auto& term : terms) {
     std::vector<int64_t> size{B, H, term.nb};
@@ -412,8 +487,7 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
           delta[t] = dot;  // sum_j p_ij d p_ij = dO_i . O_i
           for (size_t e = 0; e < terms.size(); ++e)
             if (terms[e].kind == kValue)  // the weight of each bucket
-              bucket_sums(row, terms[e].ids + i * L, L, terms[e].nb, scratch.acc4.data(),
-                          scratch.b[e].data() + t * terms[e].nb);
+              term_sums(row, terms[e], i, L, scratch.work.data(), scratch.b[e].data() + t * terms[e].nb);
         }
         for (size_t e = 0; e < terms.size(); ++e) {
           const auto& term = terms[e];
@@ -431,17 +505,18 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
           T* drow = dp.data() + t * L;
           const T* prow = p.data() + t * L;
           for (size_t e = 0; e < terms.size(); ++e)
-            if (terms[e].kind == kValue) gather_add(drow, scratch.a[e].data() + t * terms[e].nb, terms[e].ids + i * L, L);
+            if (terms[e].kind == kValue)
+              term_gather(drow, scratch.a[e].data() + t * terms[e].nb, terms[e], i, L, scratch.work.data());
           const T dl = delta[t];
 #pragma omp simd
           for (int64_t j = 0; j < L; ++j) drow[j] = prow[j] * (drow[j] - dl);  // d logits
           for (size_t e = 0; e < terms.size(); ++e) {
             const auto& term = terms[e];
-            const int32_t* id = term.ids + i * L;
+            const bucket_t* id = term.ids + i * L;
             if (term.kind == kBias) {
-              bucket_sums(drow, id, L, term.nb, scratch.acc4.data(), term.grad + bh * term.nb);
+              term_sums(drow, term, i, L, scratch.work.data(), term.grad + bh * term.nb);
             } else if (term.kind == kRowCtx) {
-              bucket_sums(drow, id, L, term.nb, scratch.acc4.data(), scratch.b[e].data() + t * term.nb);
+              term_sums(drow, term, i, L, scratch.work.data(), scratch.b[e].data() + t * term.nb);
             } else if (term.kind == kColCtx) {  // distinct keys j: distinct rows of the gradient
               T* g = term.grad + bh * L * term.nb;
               const int64_t nb = term.nb;
@@ -468,24 +543,33 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
   return result;
 }
 
+// Python entry points. Per term: its kind, table, (L, L) ids, and its separable factors (empty
+// tensors if none) and side; rows: query rows per block.
 std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, const Tensor& pad_mask,
                             const std::vector<int64_t>& kinds, const std::vector<Tensor>& tables,
-                            const std::vector<Tensor>& ids, int64_t rows) {
+                            const std::vector<Tensor>& ids, const std::vector<Tensor>& factor_rows,
+                            const std::vector<Tensor>& factor_cols, const std::vector<int64_t>& sides,
+                            int64_t rows) {
   TORCH_CHECK(rows > 0, "rows must be positive");
-  if (q.scalar_type() == at::kFloat) return forward_impl<float>(q, k, v, scale, pad_mask, kinds, tables, ids, rows);
+  if (q.scalar_type() == at::kFloat)
+    return forward_impl<float>(q, k, v, scale, pad_mask, kinds, tables, ids, factor_rows, factor_cols, sides, rows);
   TORCH_CHECK(q.scalar_type() == at::kDouble, "float32 or float64 only");
-  return forward_impl<double>(q, k, v, scale, pad_mask, kinds, tables, ids, rows);
+  return forward_impl<double>(q, k, v, scale, pad_mask, kinds, tables, ids, factor_rows, factor_cols, sides, rows);
 }
 
 std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                              const Tensor& grad_out, double scale, const Tensor& pad_mask,
                              const std::vector<int64_t>& kinds, const std::vector<Tensor>& tables,
-                             const std::vector<Tensor>& ids, int64_t rows) {
+                             const std::vector<Tensor>& ids, const std::vector<Tensor>& factor_rows,
+                             const std::vector<Tensor>& factor_cols, const std::vector<int64_t>& sides,
+                             int64_t rows) {
   TORCH_CHECK(rows > 0, "rows must be positive");
   if (q.scalar_type() == at::kFloat)
-    return backward_impl<float>(q, k, v, out, lse, grad_out, scale, pad_mask, kinds, tables, ids, rows);
+    return backward_impl<float>(q, k, v, out, lse, grad_out, scale, pad_mask, kinds, tables, ids, factor_rows,
+                                factor_cols, sides, rows);
   TORCH_CHECK(q.scalar_type() == at::kDouble, "float32 or float64 only");
-  return backward_impl<double>(q, k, v, out, lse, grad_out, scale, pad_mask, kinds, tables, ids, rows);
+  return backward_impl<double>(q, k, v, out, lse, grad_out, scale, pad_mask, kinds, tables, ids, factor_rows,
+                               factor_cols, sides, rows);
 }
 
 }  // namespace
