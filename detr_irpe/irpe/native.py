@@ -78,7 +78,14 @@ def unavailable_reason() -> Optional[str]:
 def _build():
     tag, flags = _compile_flags()
     try:
-        from torch.utils import cpp_extension
+        # importing cpp_extension logs a warning about CUDA_HOME on machines without CUDA
+        cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+        level = cpp_logger.level
+        cpp_logger.setLevel(logging.ERROR)
+        try:
+            from torch.utils import cpp_extension
+        finally:
+            cpp_logger.setLevel(level)
 
         logger.info("building the fused iRPE CPU kernel (once per machine, about a minute)")
         return cpp_extension.load(name=f"detr_irpe_rpe_cpu_{tag}", sources=[str(SOURCE)],

@@ -227,6 +227,16 @@ std::vector<Term<T>> make_terms(const std::vector<int64_t>& kinds, const std::ve
   return terms;
 }
 
+// A per-thread buffer from torch's CPU allocator (not std::vector), so that memory profilers
+// that watch torch allocations see it.
+template <typename T>
+struct Buffer {
+  Tensor storage;
+  T* data;
+  Buffer(int64_t size, const at::TensorOptions& options)
+      : storage(at::empty({std::max<int64_t>(size, 1)}, options)), data(storage.template data_ptr<T>()) {}
+};
+
 // Per-thread scratch of one block: rows x nb per row-contextual or value term.
 template <typename T>
 struct Scratch {
@@ -396,17 +406,19 @@ std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor&
   const int64_t blocks = (L + rows - 1) / rows;
 
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(rows * L), inv(rows);
+    Buffer<T> block(rows * L, q.options());
+    T* s = block.data;
+    std::vector<T> inv(rows);
     Scratch<T> scratch(terms, rows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, r0 = (task % blocks) * rows, b = bh / H, h = bh % H;
       const int64_t n = std::min(rows, L - r0);
       const T *qh = qp + bh * L * D, *kh = kp + bh * L * D, *vh = vp + bh * L * D;
-      block_logits(s.data(), qh, kh, r0, n, sh, scale, terms, scratch, pad, b, h);
+      block_logits(s, qh, kh, r0, n, sh, scale, terms, scratch, pad, b, h);
       for (size_t e = 0; e < terms.size(); ++e)
         if (terms[e].kind == kValue) std::fill(scratch.a[e].begin(), scratch.a[e].end(), T(0));
       for (int64_t t = 0; t < n; ++t) {
-        T* row = s.data() + t * L;
+        T* row = s + t * L;
         const T m = row_max(row, L);
         const T sum = exp_row(row, L, m, pad.keep_row(b, L));
         lp[bh * L + r0 + t] = m + std::log(sum);
@@ -420,7 +432,7 @@ std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor&
         }
       }
       T* o = op + (bh * L + r0) * D;
-      gemm(false, false, n, D, L, T(1), s.data(), L, vh, D, T(0), o, D);
+      gemm(false, false, n, D, L, T(1), s, L, vh, D, T(0), o, D);
       for (int64_t t = 0; t < n; ++t)
         for (int64_t d = 0; d < D; ++d) o[t * D + d] *= inv[t];
       for (size_t e = 0; e < terms.size(); ++e)
@@ -463,7 +475,9 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
   T *gqp = gq.data_ptr<T>(), *gkp = gk.data_ptr<T>(), *gvp = gv.data_ptr<T>();
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p(rows * L), dp(rows * L), delta(rows);
+    Buffer<T> block(rows * L, q.options()), grad_block(rows * L, q.options());
+    T *p = block.data, *dp = grad_block.data;
+    std::vector<T> delta(rows);
     Scratch<T> scratch(terms, rows);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -474,13 +488,13 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
         const int64_t n = std::min(rows, L - r0);
         const T *q_blk = qh + r0 * D, *go_blk = goh + r0 * D;
         T* gq_blk = gqp + (bh * L + r0) * D;
-        block_logits(p.data(), qh, kh, r0, n, sh, scale, terms, scratch, pad, b, h);
+        block_logits(p, qh, kh, r0, n, sh, scale, terms, scratch, pad, b, h);
         for (size_t e = 0; e < terms.size(); ++e)
           if (terms[e].kind == kValue || terms[e].kind == kRowCtx)
             std::fill(scratch.b[e].begin(), scratch.b[e].end(), T(0));
         for (int64_t t = 0; t < n; ++t) {
           const int64_t i = r0 + t;
-          T* row = p.data() + t * L;
+          T* row = p + t * L;
           exp_row(row, L, lp[bh * L + i], pad.keep_row(b, L));  // probabilities
           T dot = 0;
           for (int64_t d = 0; d < D; ++d) dot += goh[i * D + d] * oh[i * D + d];
@@ -498,12 +512,12 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
           gemm(false, true, n, term.nb, D, T(1), go_blk, D, term.head(h), D, T(0), scratch.a[e].data(), term.nb);
           std::fill(scratch.b[e].begin(), scratch.b[e].end(), T(0));
         }
-        gemm(true, false, L, D, n, T(1), p.data(), L, go_blk, D, T(1), gvh, D);  // dV += P^T dO
-        gemm(false, true, n, L, D, T(1), go_blk, D, vh, D, T(0), dp.data(), L);  // dP = dO V^T
+        gemm(true, false, L, D, n, T(1), p, L, go_blk, D, T(1), gvh, D);  // dV += P^T dO
+        gemm(false, true, n, L, D, T(1), go_blk, D, vh, D, T(0), dp, L);  // dP = dO V^T
         for (int64_t t = 0; t < n; ++t) {
           const int64_t i = r0 + t;
-          T* drow = dp.data() + t * L;
-          const T* prow = p.data() + t * L;
+          T* drow = dp + t * L;
+          const T* prow = p + t * L;
           for (size_t e = 0; e < terms.size(); ++e)
             if (terms[e].kind == kValue)
               term_gather(drow, scratch.a[e].data() + t * terms[e].nb, terms[e], i, L, scratch.work.data());
@@ -525,8 +539,8 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
             }
           }
         }
-        gemm(false, false, n, D, L, scale, dp.data(), L, kh, D, T(0), gq_blk, D);  // dQ = s dS K
-        gemm(true, false, L, D, n, scale, dp.data(), L, q_blk, D, T(1), gkh, D);  // dK += s dS^T Q
+        gemm(false, false, n, D, L, scale, dp, L, kh, D, T(0), gq_blk, D);  // dQ = s dS K
+        gemm(true, false, L, D, n, scale, dp, L, q_blk, D, T(1), gkh, D);  // dK += s dS^T Q
         for (size_t e = 0; e < terms.size(); ++e) {
           const auto& term = terms[e];
           if (term.kind != kRowCtx) continue;  // projections p = s Q r: dQ += s dp r^T, dr += s Q^T dp
