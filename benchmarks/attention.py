@@ -5,9 +5,10 @@ Compares, on the same inputs and machine:
 * ``nn.MultiheadAttention`` called the way DETR's encoder calls it (``need_weights`` left at its
   default True, so it also averages attention weights that DETR throws away);
 * ``RPEMultiheadAttention`` without iRPE;
-* ``RPEMultiheadAttention`` with iRPE specs (``rpe_impl="auto"``: the row-chunked kernel on CPU),
-  and ``rpe-2.0-product-ctx-1-k`` once more with ``rpe_impl="sdpa"`` (the full ``(B, H, L, L)``
-  float mask given to SDPA) to show what the chunked kernel buys.
+* ``RPEMultiheadAttention`` with iRPE specs (``rpe_impl="auto"``: on CPU the compiled kernel
+  without dropout, the row-chunked one with dropout), and ``rpe-2.0-product-ctx-1-k`` once more
+  with ``rpe_impl="chunked"`` (the PyTorch-ops kernel) and ``rpe_impl="sdpa"`` (the full
+  ``(B, H, L, L)`` float mask given to SDPA) to show what each step buys.
 
 Inputs are DETR-like: ``q = k = src + pos``, ``v = src`` of shape ``(L, B, 256)``, 8 heads, a
 key-padding mask that pads all images but the first (as in a batch of differently sized images).
@@ -46,6 +47,7 @@ SPECS = ["rpe-2.0-product-ctx-1-k", "rpe-2.0-product-bias-0-k", "rpe-2.0-product
          "rpe-2.0-euc-ctx-0-k", "rpe-2.0-cross-ctx-1-qk"]
 MHA, NONE = "nn.MultiheadAttention", "ours, no RPE"
 SDPA_REFERENCE = "rpe-2.0-product-ctx-1-k [sdpa]"
+CHUNKED_REFERENCE = "rpe-2.0-product-ctx-1-k [chunked]"
 
 
 # ----------------------------------------------------------------------------- variants
@@ -62,16 +64,16 @@ class Variant:
         return self.module(q, k, src, key_padding_mask=mask, hw=hw)[0]
 
 
-def make_variants(specs: Sequence[str], dropout: float, device, sdpa_reference: bool = True) -> List[Variant]:
-    """nn.MultiheadAttention, ours without iRPE, ours with each spec; all with the same weights."""
+def make_variants(specs: Sequence[str], dropout: float, device, references: bool = True) -> List[Variant]:
+    """nn.MultiheadAttention, ours without iRPE, ours with each spec (and the [chunked] and [sdpa] references); same weights."""
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(D_MODEL, HEADS, dropout=dropout)
     variants = [Variant(MHA, mha), Variant(NONE, RPEMultiheadAttention(D_MODEL, HEADS, dropout))]
     for spec in specs:
         variants.append(Variant(spec, RPEMultiheadAttention(D_MODEL, HEADS, dropout, rpe=spec)))
-    if sdpa_reference:
-        variants.append(Variant(SDPA_REFERENCE, RPEMultiheadAttention(
-            D_MODEL, HEADS, dropout, rpe=SPECS[0], rpe_impl="sdpa")))
+    if references:
+        for name, impl in ((CHUNKED_REFERENCE, "chunked"), (SDPA_REFERENCE, "sdpa")):
+            variants.append(Variant(name, RPEMultiheadAttention(D_MODEL, HEADS, dropout, rpe=SPECS[0], rpe_impl=impl)))
     g = torch.Generator().manual_seed(1)
     for v in variants:
         if v.module is not mha:

@@ -80,7 +80,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--sdpa", action="store_true", help="also the full-mask SDPA path (up to 48x48)")
+    ap.add_argument("--sdpa", action="store_true", help="also the row-chunked kernel and the full-mask SDPA path (up to 48x48)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     args = ap.parse_args(argv)
@@ -91,7 +91,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     print(f"# scaling benchmark: {machine()}, device {device}")
     print(f"# d_model {D_MODEL}, {HEADS} heads, batch {args.batch}, fwd+bwd, median of {reps} after 1 warm-up")
-    variants = [v for v in make_variants([CTX_K], 0.0, device, sdpa_reference=args.sdpa) if v.name != MHA]
+    variants = [v for v in make_variants([CTX_K], 0.0, device, references=args.sdpa) if v.name != MHA]
     results = measure(sides, args.batch, variants, reps, 1, device, memory=not args.no_memory)
     print(f"# load average at the end: {load_average()}")
     print(format_results(results, args.batch))

@@ -349,7 +349,7 @@ def test_killed_worker_names_its_item(busy_main):
     if busy_main:  # raised inside the loop body, not by next(loader)
         assert any(entry.name == "handler" for entry in info.traceback)
     message = str(info.value)
-    assert f"worker 1 (pid " in message
+    assert "worker 1 (pid " in message
     assert f"while loading item {ds.victim} (image id {image_id}, " \
            f"file {COCO / 'val2017' / f'{image_id:012d}.jpg'})" in message
     assert "killed by" in message and "out of memory" in message and "data.num_workers=0" in message

@@ -24,7 +24,8 @@ def test_attention_benchmark_produces_numbers(capsys):
     rows = bench.main(["--quick", "--config", "2x4x5", "--reps", "1", "--warmup", "0",
                        "--specs", "rpe-2.0-product-ctx-1-k", "rpe-2.0-cross-ctx-1-qk"])
     names = {r.variant for r in rows}
-    assert names == {bench.MHA, bench.NONE, bench.SDPA_REFERENCE, "rpe-2.0-product-ctx-1-k", "rpe-2.0-cross-ctx-1-qk"}
+    assert names == {bench.MHA, bench.NONE, bench.SDPA_REFERENCE, bench.CHUNKED_REFERENCE, "rpe-2.0-product-ctx-1-k",
+                     "rpe-2.0-cross-ctx-1-qk"}
     for r in rows:
         assert r.fwd_ms > 0 and r.fb_ms > 0 and math.isfinite(r.fb_ms)
         assert r.peak_mib > 0 and r.largest > 0

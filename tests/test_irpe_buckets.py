@@ -1,5 +1,4 @@
 """Bucket ids against loops over pairs of positions, bucket counts, translation invariance."""
-import itertools
 import random
 
 import pytest

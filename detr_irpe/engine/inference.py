@@ -5,7 +5,6 @@ import argparse
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
-import torch
 from torch import nn
 
 from ..config import Config, apply_overrides, config_from_dict, load_config, validate

@@ -6,7 +6,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
