@@ -1,6 +1,6 @@
-"""The fast iRPE paths against the naive float64 reference: the row-chunked kernel
-(``rpe_impl="chunked"``) and the full-mask SDPA path (``rpe_impl="sdpa"``); the compiled kernel
-(``"native"``) has its own file, test_irpe_native.py, and shares some tests here.
+"""The fast iRPE paths against the naive float64 reference: the blockwise kernels (the row-chunked
+``rpe_impl="chunked"`` and the compiled ``"native"``, whose other tests are in
+test_irpe_native.py) and the full-mask SDPA path (``rpe_impl="sdpa"``).
 
 Blocks of 1, 4 and all query rows, padding, a skip token, every method / mode / rpe_on /
 shared_head; outputs and the gradients of the input, the projections and every table; dropout
@@ -18,7 +18,7 @@ from irpe_reference import attention_ref
 from test_irpe_attention import COMBOS, _LargestTensor, make_inputs, randomize_tables
 
 
-def chunked(cfg, channels=16, heads=4, rows=None, dropout=0.0, impl="chunked"):
+def blockwise(cfg, channels=16, heads=4, rows=None, dropout=0.0, impl="chunked"):
     attn = RPEMultiheadAttention(channels, heads, dropout=dropout, rpe=cfg, rpe_impl=impl).double()
     attn.chunk_rows = rows
     randomize_tables(attn, torch.Generator().manual_seed(1))
@@ -30,11 +30,13 @@ def config(method, mode, rpe_on, shared, skip):
                      shared_head=shared, rpe_on=rpe_on, skip=skip)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "native"])
 @pytest.mark.parametrize("method,mode,rpe_on,shared", COMBOS)
-def test_chunked_matches_reference_forward_and_backward(method, mode, rpe_on, shared):
+def test_blockwise_matches_reference_forward_and_backward(method, mode, rpe_on, shared, impl):
+    """Outputs and the gradients of the input, the projections and every table, in float64."""
     torch.manual_seed(0)
     for (hw, skip), rows in itertools.product([((3, 5), 0), ((4, 2), 1)], [1, 4, None]):
-        attn = chunked(config(method, mode, rpe_on, shared, skip), rows=rows).eval()
+        attn = blockwise(config(method, mode, rpe_on, shared, skip), rows=rows, impl=impl).eval()
         x, kpm = make_inputs(hw, skip)
         x = x.requires_grad_()
         grad = torch.randn_like(x)
@@ -107,7 +109,7 @@ def test_blockwise_agrees_with_sdpa_path_float32(spec, impl):
 @pytest.mark.parametrize("spec", ["rpe-0.5-product-ctx-1-qkv", "rpe-1.0-cross-bias-0-qk"])
 def test_gradcheck_with_dropout_in_several_blocks(spec):
     """With the RNG reset before each call the dropout masks are fixed, so gradcheck sees one function."""
-    attn = chunked(spec, channels=8, heads=2, rows=2, dropout=0.3).train()
+    attn = blockwise(spec, channels=8, heads=2, rows=2, dropout=0.3).train()
     x, kpm = make_inputs((2, 3), 0, batch=2, channels=8)
     names = [n for n, _ in attn.named_parameters() if "lookup_table" in n] + ["in_proj_weight"]
     params = {n: p.detach().clone().requires_grad_() for n, p in attn.named_parameters() if n in names}
@@ -127,7 +129,7 @@ def test_dropout_drops_whole_weights_and_rescales_the_rest():
     of the attention weights: after dropout every weight is 0 or the undropped weight / (1 - p)."""
     torch.manual_seed(0)
     L, p = 16, 0.25
-    attn = chunked("rpe-1.0-product-ctx-1-k", channels=L, heads=1, rows=3, dropout=p)
+    attn = blockwise("rpe-1.0-product-ctx-1-k", channels=L, heads=1, rows=3, dropout=p)
     with torch.no_grad():
         attn.in_proj_weight[2 * L:] = torch.eye(L)
         attn.out_proj.weight.copy_(torch.eye(L))
@@ -166,7 +168,7 @@ def test_padding_is_exact_and_tiny_weights_do_not_matter(impl):
     """Padded keys get weight exactly 0; logits 200 below the rest (exp below the smallest normal
     float32) still give the reference's result."""
     torch.manual_seed(0)
-    attn = chunked("rpe-1.0-product-bias-1-k", rows=2, impl=impl).eval()
+    attn = blockwise("rpe-1.0-product-bias-1-k", rows=2, impl=impl).eval()
     x, kpm = make_inputs((3, 5), 0)
     out, _ = attn(x, x, x, key_padding_mask=kpm, hw=(3, 5))
     v = x.clone()

@@ -100,14 +100,14 @@ def _build():
         return None
 
 
-def _kernel_terms(plan: Plan, tables, k: Tensor) -> tuple:
-    """The plan's terms as the kernel takes them: lists of kinds, tables, bucket ids, separable
-    factors (row part, column part, side; empty tensors and 0 when the ids do not separate).
+def _kernel_terms(plan: Plan, tables, k: Tensor) -> List[tuple]:
+    """The plan's terms as the kernel takes them: ``(kind, table, ids, factor rows, factor
+    columns, side)`` each, the factors empty (and side 0) when the ids do not separate.
 
     A contextual term on queries is handed over as the keys' projections on every bucket,
     ``(k_j / sqrt(d)) . r[n]``, ``(B, H, L, nb)``; every other table as it is.
     """
-    kinds, kernel_tables, ids, factor_rows, factor_cols, sides = [], [], [], [], [], []
+    specs = []
     none = torch.empty(0, dtype=torch.int16)
     for term in plan.terms:
         table = tables[term.position]
@@ -119,12 +119,9 @@ def _kernel_terms(plan: Plan, tables, k: Tensor) -> tuple:
             kind = ROW_CONTEXT
         else:
             kind, table = COLUMN_CONTEXT, torch.matmul(k, table).mul_(plan.scale)
-        kinds.append(kind)
-        kernel_tables.append(table.contiguous())
-        ids.append(term.ids)
         rows, cols, side = term.factors if term.factors is not None else (none, none, 0)
-        factor_rows.append(rows), factor_cols.append(cols), sides.append(side)
-    return kinds, kernel_tables, ids, factor_rows, factor_cols, sides
+        specs.append((kind, table.contiguous(), term.ids, rows, cols, side))
+    return specs
 
 
 def _padding(plan: Plan, batch: int, length: int) -> Tensor:
@@ -150,8 +147,7 @@ class FusedRPEAttention(torch.autograd.Function):
         ctx.table_dtypes = [t.dtype for t in tables]
         tables = tuple(t.to(q.dtype) for t in tables)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        terms = _kernel_terms(plan, tables, k)
-        out, lse = kernel.forward(q, k, v, plan.scale, _padding(plan, B, L), *terms, plan.rows)
+        out, lse = kernel.forward(q, k, v, plan.scale, _padding(plan, B, L), _kernel_terms(plan, tables, k), plan.rows)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse, *tables)
         return out
@@ -161,12 +157,11 @@ class FusedRPEAttention(torch.autograd.Function):
         plan: Plan = ctx.plan
         q, k, v, out, lse, *tables = ctx.saved_tensors
         B, H, L, _ = q.shape
-        terms = _kernel_terms(plan, tables, k)
-        kinds = terms[0]
+        specs = _kernel_terms(plan, tables, k)
         grad_q, grad_k, grad_v, *term_grads = load().backward(
-            q, k, v, out, lse, grad_out.contiguous(), plan.scale, _padding(plan, B, L), *terms, plan.rows)
+            q, k, v, out, lse, grad_out.contiguous(), plan.scale, _padding(plan, B, L), specs, plan.rows)
         grad_tables: List[Optional[Tensor]] = [None] * len(tables)
-        for term, kind, grad in zip(plan.terms, kinds, term_grads):
+        for term, (kind, *_), grad in zip(plan.terms, specs, term_grads):
             table = tables[term.position]
             if kind == COLUMN_CONTEXT:  # through the key projections s k r: dk += s g r^T, dr += s k^T g
                 grad_k += torch.matmul(grad, table.transpose(-2, -1)).mul_(plan.scale)

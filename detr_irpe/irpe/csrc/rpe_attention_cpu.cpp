@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 extern "C" {
@@ -176,26 +177,25 @@ struct Term {
   const T* head(int64_t h) const { return table + h * head_stride; }
 };
 
+// One term as native.py hands it over: kind, table, (L, L) ids, and the separable factors of the
+// ids (row part, column part, side; empty tensors when they do not separate).
+using TermSpec = std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t>;
+
 template <typename T>
-std::vector<Term<T>> make_terms(const std::vector<int64_t>& kinds, const std::vector<Tensor>& tables,
-                                const std::vector<Tensor>& ids, const std::vector<Tensor>& factor_rows,
-                                const std::vector<Tensor>& factor_cols, const std::vector<int64_t>& sides,
-                                int64_t H, int64_t L, int64_t D) {
-  TORCH_CHECK(kinds.size() == tables.size() && kinds.size() == ids.size() && kinds.size() == factor_rows.size() &&
-                  kinds.size() == factor_cols.size() && kinds.size() == sides.size(),
-              "one kind, ids and factors per table");
+std::vector<Term<T>> make_terms(const std::vector<TermSpec>& specs, int64_t H, int64_t L, int64_t D) {
   std::vector<Term<T>> terms;
-  for (size_t e = 0; e < kinds.size(); ++e) {
-    const Tensor& table = tables[e];
-    TORCH_CHECK(kinds[e] >= kBias && kinds[e] <= kValue, "unknown iRPE term kind");
+  for (const TermSpec& spec : specs) {
+    const int64_t kind = std::get<0>(spec), side = std::get<5>(spec);
+    const Tensor &table = std::get<1>(spec), &ids = std::get<2>(spec), &fr = std::get<3>(spec), &fc = std::get<4>(spec);
+    TORCH_CHECK(kind >= kBias && kind <= kValue, "unknown iRPE term kind");
     TORCH_CHECK(table.is_contiguous(), "iRPE tables must be contiguous");
-    TORCH_CHECK(ids[e].scalar_type() == at::kShort && ids[e].is_contiguous() && ids[e].dim() == 2 &&
-                    ids[e].size(0) == L && ids[e].size(1) == L,
+    TORCH_CHECK(ids.scalar_type() == at::kShort && ids.is_contiguous() && ids.dim() == 2 && ids.size(0) == L &&
+                    ids.size(1) == L,
                 "bucket ids must be contiguous int16 (L, L)");
     Term<T> term;
-    term.kind = static_cast<Kind>(kinds[e]);
+    term.kind = static_cast<Kind>(kind);
     term.table = table.data_ptr<T>();
-    term.ids = ids[e].data_ptr<bucket_t>();
+    term.ids = ids.data_ptr<bucket_t>();
     if (term.kind == kColCtx) {
       TORCH_CHECK(table.dim() == 4 && table.size(1) == H && table.size(2) == L, "column table must be (B, H, L, nb)");
       term.nb = table.size(3);
@@ -209,14 +209,13 @@ std::vector<Term<T>> make_terms(const std::vector<int64_t>& kinds, const std::ve
                   "iRPE table has the wrong shape");
       term.head_stride = heads == 1 ? 0 : table.stride(0);
     }
-    const Tensor &fr = factor_rows[e], &fc = factor_cols[e];
     if (fr.numel() > 0 && term.kind != kColCtx) {
       TORCH_CHECK(fr.scalar_type() == at::kShort && fc.scalar_type() == at::kShort && fr.is_contiguous() &&
                       fc.is_contiguous() && fr.dim() == 2 && fc.dim() == 2 && fr.size(0) == fr.size(1) &&
                       fc.size(0) == fc.size(1) && fr.size(0) * fc.size(0) == L,
                   "bucket factors must be contiguous int16 (gh, gh) and (gw, gw) with gh * gw = L");
       term.rows = fr.data_ptr<bucket_t>(), term.cols = fc.data_ptr<bucket_t>();
-      term.gh = fr.size(0), term.gw = fc.size(0), term.side = sides[e];
+      term.gh = fr.size(0), term.gw = fc.size(0), term.side = side;
       term.ny = fr.max().item<int64_t>() + 1;
       TORCH_CHECK(fr.min().item<int64_t>() >= 0 && fc.min().item<int64_t>() >= 0 &&
                       (term.ny - 1) * term.side + fc.max().item<int64_t>() < term.nb,
@@ -359,13 +358,13 @@ void block_logits(T* s, const T* qh, const T* kh, int64_t r0, int64_t n, const S
     const int64_t i = r0 + t;
     for (size_t e = 0; e < terms.size(); ++e) {
       const auto& term = terms[e];
-      const bucket_t* id = term.ids + i * L;
       if (term.kind == kBias) {
         term_gather(row, term.head(h), term, i, L, scratch.work.data());
       } else if (term.kind == kRowCtx) {
         term_gather(row, scratch.a[e].data() + t * term.nb, term, i, L, scratch.work.data());
       } else if (term.kind == kColCtx) {
         const T* keys = term.table + (b * sh.H + h) * term.head_stride;
+        const bucket_t* id = term.ids + i * L;
         const int64_t nb = term.nb;
 #pragma omp simd
         for (int64_t j = 0; j < L; ++j) row[j] += keys[j * nb + id[j]];
@@ -390,15 +389,11 @@ Shape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
 
 template <typename T>
 std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, double scale_d,
-                                 const Tensor& pad_mask, const std::vector<int64_t>& kinds,
-                                 const std::vector<Tensor>& tables, const std::vector<Tensor>& ids,
-                                 const std::vector<Tensor>& factor_rows,
-                                 const std::vector<Tensor>& factor_cols, const std::vector<int64_t>& sides,
-                                 int64_t rows) {
+                                 const Tensor& pad_mask, const std::vector<TermSpec>& specs, int64_t rows) {
   const Shape sh = check_qkv(q, k, v);
   const int64_t B = sh.B, H = sh.H, L = sh.L, D = sh.D;
   const T scale = static_cast<T>(scale_d);
-  const auto terms = make_terms<T>(kinds, tables, ids, factor_rows, factor_cols, sides, H, L, D);
+  const auto terms = make_terms<T>(specs, H, L, D);
   const Padding<T> pad(pad_mask, B, L);
   Tensor out = at::empty_like(q), lse = at::empty({B, H, L}, q.options());
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
@@ -447,18 +442,14 @@ std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor&
 template <typename T>
 std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                                   const Tensor& lse, const Tensor& grad_out, double scale_d,
-                                  const Tensor& pad_mask, const std::vector<int64_t>& kinds,
-                                  const std::vector<Tensor>& tables, const std::vector<Tensor>& ids,
-                                 const std::vector<Tensor>& factor_rows,
-                                 const std::vector<Tensor>& factor_cols, const std::vector<int64_t>& sides,
-                                 int64_t rows) {
+                                  const Tensor& pad_mask, const std::vector<TermSpec>& specs, int64_t rows) {
   const Shape sh = check_qkv(q, k, v);
   const int64_t B = sh.B, H = sh.H, L = sh.L, D = sh.D;
   TORCH_CHECK(out.is_contiguous() && grad_out.is_contiguous() && lse.is_contiguous() &&
                   out.sizes() == q.sizes() && grad_out.sizes() == q.sizes() && lse.numel() == B * H * L,
               "out, grad_out (B, H, L, D) and lse (B, H, L) must be contiguous");
   const T scale = static_cast<T>(scale_d);
-  auto terms = make_terms<T>(kinds, tables, ids, factor_rows, factor_cols, sides, H, L, D);
+  auto terms = make_terms<T>(specs, H, L, D);
   std::vector<Tensor> grads;
   for (auto& term : terms) {
     std::vector<int64_t> size{B, H, term.nb};
@@ -526,13 +517,13 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
           for (int64_t j = 0; j < L; ++j) drow[j] = prow[j] * (drow[j] - dl);  // d logits
           for (size_t e = 0; e < terms.size(); ++e) {
             const auto& term = terms[e];
-            const bucket_t* id = term.ids + i * L;
             if (term.kind == kBias) {
               term_sums(drow, term, i, L, scratch.work.data(), term.grad + bh * term.nb);
             } else if (term.kind == kRowCtx) {
               term_sums(drow, term, i, L, scratch.work.data(), scratch.b[e].data() + t * term.nb);
             } else if (term.kind == kColCtx) {  // distinct keys j: distinct rows of the gradient
               T* g = term.grad + bh * L * term.nb;
+              const bucket_t* id = term.ids + i * L;
               const int64_t nb = term.nb;
 #pragma omp simd
               for (int64_t j = 0; j < L; ++j) g[j * nb + id[j]] += drow[j];
@@ -557,33 +548,23 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
   return result;
 }
 
-// Python entry points. Per term: its kind, table, (L, L) ids, and its separable factors (empty
-// tensors if none) and side; rows: query rows per block.
+// Python entry points; specs: one TermSpec per iRPE term; rows: query rows per block.
 std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, const Tensor& pad_mask,
-                            const std::vector<int64_t>& kinds, const std::vector<Tensor>& tables,
-                            const std::vector<Tensor>& ids, const std::vector<Tensor>& factor_rows,
-                            const std::vector<Tensor>& factor_cols, const std::vector<int64_t>& sides,
-                            int64_t rows) {
+                            const std::vector<TermSpec>& specs, int64_t rows) {
   TORCH_CHECK(rows > 0, "rows must be positive");
-  if (q.scalar_type() == at::kFloat)
-    return forward_impl<float>(q, k, v, scale, pad_mask, kinds, tables, ids, factor_rows, factor_cols, sides, rows);
+  if (q.scalar_type() == at::kFloat) return forward_impl<float>(q, k, v, scale, pad_mask, specs, rows);
   TORCH_CHECK(q.scalar_type() == at::kDouble, "float32 or float64 only");
-  return forward_impl<double>(q, k, v, scale, pad_mask, kinds, tables, ids, factor_rows, factor_cols, sides, rows);
+  return forward_impl<double>(q, k, v, scale, pad_mask, specs, rows);
 }
 
 std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                              const Tensor& grad_out, double scale, const Tensor& pad_mask,
-                             const std::vector<int64_t>& kinds, const std::vector<Tensor>& tables,
-                             const std::vector<Tensor>& ids, const std::vector<Tensor>& factor_rows,
-                             const std::vector<Tensor>& factor_cols, const std::vector<int64_t>& sides,
-                             int64_t rows) {
+                             const std::vector<TermSpec>& specs, int64_t rows) {
   TORCH_CHECK(rows > 0, "rows must be positive");
   if (q.scalar_type() == at::kFloat)
-    return backward_impl<float>(q, k, v, out, lse, grad_out, scale, pad_mask, kinds, tables, ids, factor_rows,
-                                factor_cols, sides, rows);
+    return backward_impl<float>(q, k, v, out, lse, grad_out, scale, pad_mask, specs, rows);
   TORCH_CHECK(q.scalar_type() == at::kDouble, "float32 or float64 only");
-  return backward_impl<double>(q, k, v, out, lse, grad_out, scale, pad_mask, kinds, tables, ids, factor_rows,
-                               factor_cols, sides, rows);
+  return backward_impl<double>(q, k, v, out, lse, grad_out, scale, pad_mask, specs, rows);
 }
 
 }  // namespace
