@@ -86,15 +86,28 @@ inline vfloat exp_nonpositive(vfloat x) {
   return p * (vfloat)bits;
 }
 
-inline float exp_nonpositive(float x) {
-  float lanes[kLanes] = {x};
-  return exp_nonpositive(load(lanes))[0];
+inline double exp_nonpositive(double x) { return std::exp(std::max(x, -700.0)); }
+
+// The first n <= kLanes floats of x as a vector, the other lanes set to fill; and the reverse.
+// Rows are rarely a multiple of 16 long (850 at 25x34), and a scalar tail of up to 15 elements
+// costs as much as the rest of the row.
+inline vfloat load_head(const float* x, int64_t n, float fill) {
+  float lanes[kLanes];
+  for (int l = 0; l < kLanes; ++l) lanes[l] = l < n ? x[l] : fill;
+  return load(lanes);
 }
 
-inline double exp_nonpositive(double x) { return std::exp(std::max(x, -700.0)); }
+inline void store_head(float* x, int64_t n, vfloat v) {
+  float lanes[kLanes];
+  store(lanes, v);
+  std::memcpy(x, lanes, n * sizeof(float));
+}
+
+constexpr float kLowest = -std::numeric_limits<float>::infinity();
 
 // x[j] = exp(x[j] - shift) * keep[j] (keep: 0 on padded keys, or null); returns the sum.
 inline float exp_row(float* x, int64_t n, float shift, const float* keep) {
+  static const float ones[kLanes] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
   vfloat acc0{}, acc1{};
   const vfloat s = broadcast(shift);
   int64_t j = 0;
@@ -104,14 +117,14 @@ inline float exp_row(float* x, int64_t n, float shift, const float* keep) {
     store(x + j, p0), store(x + j + kLanes, p1);
     acc0 += p0, acc1 += p1;
   }
-  float sum = 0.f;
-  for (; j < n; ++j) {
-    float p = exp_nonpositive(x[j] - shift);
-    if (keep) p *= keep[j];
-    x[j] = p;
-    sum += p;
+  for (; j < n; j += kLanes) {  // one or two vectors left, the last one partial
+    const int64_t m = std::min<int64_t>(kLanes, n - j);
+    const vfloat p = exp_nonpositive(load_head(x + j, m, kLowest) - s) * load_head(keep ? keep + j : ones, m, 0.f);
+    store_head(x + j, m, p);
+    acc0 += p;
   }
   acc0 += acc1;
+  float sum = 0.f;
   for (int l = 0; l < kLanes; ++l) sum += acc0[l];
   return sum;
 }
@@ -128,17 +141,19 @@ inline double exp_row(double* x, int64_t n, double shift, const double* keep) {
 }
 
 inline float row_max(const float* x, int64_t n) {
-  const float lowest = -std::numeric_limits<float>::infinity();
-  vfloat m0 = broadcast(lowest), m1 = m0, m2 = m0, m3 = m0;
+  vfloat m0 = broadcast(kLowest), m1 = m0, m2 = m0, m3 = m0;
   int64_t j = 0;
   for (; j + 4 * kLanes <= n; j += 4 * kLanes) {
     const vfloat a = load(x + j), b = load(x + j + kLanes), c = load(x + j + 2 * kLanes), d = load(x + j + 3 * kLanes);
     m0 = a > m0 ? a : m0, m1 = b > m1 ? b : m1, m2 = c > m2 ? c : m2, m3 = d > m3 ? d : m3;
   }
+  for (; j < n; j += kLanes) {
+    const vfloat a = load_head(x + j, std::min<int64_t>(kLanes, n - j), kLowest);
+    m0 = a > m0 ? a : m0;
+  }
   m0 = m1 > m0 ? m1 : m0, m2 = m3 > m2 ? m3 : m2, m0 = m2 > m0 ? m2 : m0;
-  float m = lowest;
+  float m = kLowest;
   for (int l = 0; l < kLanes; ++l) m = std::max(m, m0[l]);
-  for (; j < n; ++j) m = std::max(m, x[j]);
   return m;
 }
 
