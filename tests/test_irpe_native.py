@@ -22,19 +22,31 @@ def kernel():
     return module
 
 
-@pytest.mark.parametrize("spec", ["rpe-2.0-product-ctx-1-k", "rpe-2.0-euc-bias-0-qk", "rpe-2.0-cross-ctx-1-qkv"])
-def test_float32_at_detr_size_matches_float64_reference(spec):
-    """A 25x34 feature map with a padded image, the float32 kernel (polynomial exp, blocks of
-    many rows, several threads) against the float64 reference."""
+# Float32 takes code paths float64 does not: the vectorised exp and its partial last vector, and
+# on AVX-512 machines the permute gathers (tables of up to 16 / 32 values: product and cross at
+# ratio 2.0 and 4.0, euc) with the scalar gather beyond (quant, euc at ratio 4.0).
+@pytest.mark.parametrize("spec, hw", [
+    ("rpe-2.0-product-ctx-1-k", (25, 34)),
+    ("rpe-2.0-euc-bias-0-qk", (25, 34)),
+    ("rpe-2.0-cross-ctx-1-qkv", (25, 34)),
+    ("rpe-2.0-product-bias-1-qk", (19, 16)),
+    ("rpe-2.0-product-ctx-0-v", (6, 16)),
+    ("rpe-4.0-product-ctx-1-k", (12, 37)),
+    ("rpe-4.0-euc-ctx-0-qv", (9, 40)),
+    ("rpe-2.0-quant-ctx-1-k", (11, 7)),
+])
+def test_float32_matches_float64_reference(spec, hw):
+    """A feature map with a padded image, the float32 kernel (polynomial exp, blocks of many
+    rows, several threads) against the float64 reference."""
     torch.manual_seed(0)
-    hw, heads, channels = (25, 34), 2, 32
+    heads, channels = 2, 32
     L = hw[0] * hw[1]
     attn = RPEMultiheadAttention(channels, heads, rpe=spec, rpe_impl="native").eval()
     randomize_tables(attn, torch.Generator().manual_seed(2))
     x = torch.randn(L, 2, channels)
     kpm = torch.zeros(2, L, dtype=torch.bool)
-    kpm[1].view(hw)[:, 30:] = True
-    kpm[1].view(hw)[20:] = True
+    kpm[1].view(hw)[:, hw[1] * 7 // 8:] = True
+    kpm[1].view(hw)[hw[0] * 4 // 5:] = True
     x = x.requires_grad_()
     out, _ = attn(x, x, x, key_padding_mask=kpm, hw=hw)
     got = torch.autograd.grad(out.square().sum(), [x, *attn.parameters()])
