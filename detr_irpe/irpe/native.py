@@ -100,13 +100,9 @@ def _build():
         return None
 
 
-def _kernel_terms(plan: Plan, tables, k: Tensor) -> List[tuple]:
+def _kernel_terms(plan: Plan, tables) -> List[tuple]:
     """The plan's terms as the kernel takes them: ``(kind, table, ids, factor rows, factor
-    columns, side)`` each, the factors empty (and side 0) when the ids do not separate.
-
-    A contextual term on queries is handed over as the keys' projections on every bucket,
-    ``(k_j / sqrt(d)) . r[n]``, ``(B, H, L, nb)``; every other table as it is.
-    """
+    columns, side)`` each, the factors empty (and side 0) when the ids do not separate."""
     specs = []
     none = torch.empty(0, dtype=torch.int16)
     for term in plan.terms:
@@ -115,10 +111,8 @@ def _kernel_terms(plan: Plan, tables, k: Tensor) -> List[tuple]:
             kind = VALUE
         elif term.mode == "bias":
             kind = BIAS
-        elif term.which == "k":
-            kind = ROW_CONTEXT
         else:
-            kind, table = COLUMN_CONTEXT, torch.matmul(k, table).mul_(plan.scale)
+            kind = ROW_CONTEXT if term.which == "k" else COLUMN_CONTEXT
         rows, cols, side = term.factors if term.factors is not None else (none, none, 0)
         specs.append((kind, table.contiguous(), term.ids, rows, cols, side))
     return specs
@@ -147,7 +141,7 @@ class FusedRPEAttention(torch.autograd.Function):
         ctx.table_dtypes = [t.dtype for t in tables]
         tables = tuple(t.to(q.dtype) for t in tables)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = kernel.forward(q, k, v, plan.scale, _padding(plan, B, L), _kernel_terms(plan, tables, k), plan.rows)
+        out, lse = kernel.forward(q, k, v, plan.scale, _padding(plan, B, L), _kernel_terms(plan, tables), plan.rows)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse, *tables)
         return out
@@ -157,16 +151,12 @@ class FusedRPEAttention(torch.autograd.Function):
         plan: Plan = ctx.plan
         q, k, v, out, lse, *tables = ctx.saved_tensors
         B, H, L, _ = q.shape
-        specs = _kernel_terms(plan, tables, k)
         grad_q, grad_k, grad_v, *term_grads = load().backward(
-            q, k, v, out, lse, grad_out.contiguous(), plan.scale, _padding(plan, B, L), specs, plan.rows)
+            q, k, v, out, lse, grad_out.contiguous(), plan.scale, _padding(plan, B, L), _kernel_terms(plan, tables),
+            plan.rows)
         grad_tables: List[Optional[Tensor]] = [None] * len(tables)
-        for term, (kind, *_), grad in zip(plan.terms, specs, term_grads):
-            table = tables[term.position]
-            if kind == COLUMN_CONTEXT:  # through the key projections s k r: dk += s g r^T, dr += s k^T g
-                grad_k += torch.matmul(grad, table.transpose(-2, -1)).mul_(plan.scale)
-                grad = torch.matmul(k.transpose(-2, -1), grad).mul_(plan.scale)
-            grad_tables[term.position] = sum_heads(grad.sum(0), table.shape[0])
+        for term, grad in zip(plan.terms, term_grads):
+            grad_tables[term.position] = sum_heads(grad.sum(0), tables[term.position].shape[0])
         grad_tables = [g.to(dt) for g, dt in zip(grad_tables, ctx.table_dtypes)]
         return (None, grad_q, grad_k, grad_v, *grad_tables)
 

@@ -4,9 +4,9 @@
 //
 // The iRPE terms (see Kind below) come as lookup tables plus (L, L) int16 bucket ids; a term's
 // per-pair values are read straight from its table (bias), from the block's queries projected
-// on every bucket (contextual on keys), or from the keys' projections computed once by the
-// caller (contextual on queries). Nothing of size L x L x head_dim, and no (B, H, L, L) tensor,
-// is ever formed. Backward recomputes each block's probabilities from the saved log-sum-exp, as
+// on every bucket (contextual on keys), or from the keys of the head projected on every bucket,
+// once per head and thread (contextual on queries). Nothing of size L x L x head_dim, and no
+// (B, H, L, L) tensor, is ever formed. Backward recomputes each block's probabilities from the saved log-sum-exp, as
 // flash attention does, and returns one gradient per term (summed over batch and shared heads
 // by the caller, detr_irpe/irpe/native.py).
 //
@@ -178,7 +178,7 @@ using bucket_t = int16_t;
 enum Kind : int64_t {
   kBias = 0,    // logit += table[h', ids[i, j]]                          table (H', nb)
   kRowCtx = 1,  // logit += scale q_i . table[h', :, ids[i, j]]            table (H', D, nb)
-  kColCtx = 2,  // logit += table[b, h, j, ids[i, j]]                      table (B, H, L, nb)
+  kColCtx = 2,  // logit += scale k_j . table[h', :, ids[i, j]]            table (H', D, nb)
   kValue = 3,   // out_i += sum_j a_ij table[h', ids[i, j], :]             table (H', nb, D)
 };
 
@@ -189,7 +189,7 @@ struct Term {
   int64_t head_stride;  // of table; 0 for a table shared by all heads
   const bucket_t* ids;  // (L, L); for a term on queries already transposed: ids[i, j] = b(j, i)
   int64_t nb;
-  T* grad = nullptr;  // bias (B, H, nb), row ctx (B, H, D, nb), column ctx (B, H, L, nb), value (B, H, nb, D)
+  T* grad = nullptr;  // bias (B, H, nb), row and column ctx (B, H, D, nb), value (B, H, nb, D)
   // Separable ids (product and cross methods, no skip token; null otherwise), for an (gh, gw) grid:
   // ids[(yi, xi), (yj, xj)] = rows[yi, yj] * side + cols[xi, xj], rows in [0, ny).
   const bucket_t* rows = nullptr;
@@ -218,19 +218,13 @@ std::vector<Term<T>> make_terms(const std::vector<TermSpec>& specs, int64_t H, i
     term.kind = static_cast<Kind>(kind);
     term.table = table.data_ptr<T>();
     term.ids = ids.data_ptr<bucket_t>();
-    if (term.kind == kColCtx) {
-      TORCH_CHECK(table.dim() == 4 && table.size(1) == H && table.size(2) == L, "column table must be (B, H, L, nb)");
-      term.nb = table.size(3);
-      term.head_stride = L * term.nb;
-    } else {
-      const int64_t heads = table.size(0);
-      TORCH_CHECK(heads == 1 || heads == H, "iRPE table must have 1 or H heads");
-      term.nb = term.kind == kValue ? table.size(1) : table.size(-1);
-      TORCH_CHECK(term.kind == kBias ? table.dim() == 2
-                                     : table.dim() == 3 && table.size(term.kind == kValue ? 2 : 1) == D,
-                  "iRPE table has the wrong shape");
-      term.head_stride = heads == 1 ? 0 : table.stride(0);
-    }
+    const int64_t heads = table.size(0);
+    TORCH_CHECK(heads == 1 || heads == H, "iRPE table must have 1 or H heads");
+    term.nb = term.kind == kValue ? table.size(1) : table.size(-1);
+    TORCH_CHECK(term.kind == kBias ? table.dim() == 2
+                                   : table.dim() == 3 && table.size(term.kind == kValue ? 2 : 1) == D,
+                "iRPE table has the wrong shape");
+    term.head_stride = heads == 1 ? 0 : table.stride(0);
     if (fr.numel() > 0 && term.kind != kColCtx) {
       TORCH_CHECK(fr.scalar_type() == at::kShort && fc.scalar_type() == at::kShort && fr.is_contiguous() &&
                       fc.is_contiguous() && fr.dim() == 2 && fc.dim() == 2 && fr.size(0) == fr.size(1) &&
@@ -259,18 +253,21 @@ struct Buffer {
       : storage(at::empty({std::max<int64_t>(size, 1)}, options)), data(storage.template data_ptr<T>()) {}
 };
 
-// Per-thread scratch of one block: rows x nb per row-contextual or value term.
+// Per-thread scratch: per term, rows x nb for the block's queries (row ctx: their projections
+// and the gradient; value: the block's bucket masses and dO r^T) or L x nb for the keys of one
+// head (column ctx: their projections, of head projected_bh, and the gradient).
 template <typename T>
 struct Scratch {
-  std::vector<std::vector<T>> a, b;  // row ctx: projections and their gradient; value: masses and dO r^T
+  std::vector<std::vector<T>> a, b;
   std::vector<T> work;  // of gather_values / term_sums
   std::vector<T> values;  // a row's values of one term, L + kGatherSlack
+  int64_t projected_bh = -1;
   Scratch(const std::vector<Term<T>>& terms, int64_t rows, int64_t L) : values(L + kGatherSlack) {
     int64_t size = 1;
     for (const auto& term : terms) {
-      const bool blocky = term.kind == kRowCtx || term.kind == kValue;
-      a.emplace_back(blocky ? rows * term.nb : 0);
-      b.emplace_back(blocky ? rows * term.nb : 0);
+      const int64_t n = term.kind == kColCtx ? L * term.nb : term.kind == kBias ? 0 : rows * term.nb;
+      a.emplace_back(n);
+      b.emplace_back(n);
       size = std::max({size, 4 * term.nb, term.ny * term.gw});
     }
     work.resize(size);
@@ -430,11 +427,16 @@ template <typename T>
 void block_logits(T* s, const T* qh, const T* kh, int64_t r0, int64_t n, const Shape& sh, T scale,
                   const std::vector<Term<T>>& terms, Scratch<T>& scratch, const Padding<T>& pad, int64_t b,
                   int64_t h) {
-  const int64_t L = sh.L, D = sh.D;
-  for (size_t e = 0; e < terms.size(); ++e)
-    if (terms[e].kind == kRowCtx)
-      gemm(false, false, n, terms[e].nb, D, scale, qh + r0 * D, D, terms[e].head(h), terms[e].nb, T(0),
-           scratch.a[e].data(), terms[e].nb);
+  const int64_t L = sh.L, D = sh.D, bh = b * sh.H + h;
+  for (size_t e = 0; e < terms.size(); ++e) {
+    const auto& term = terms[e];
+    if (term.kind == kRowCtx)
+      gemm(false, false, n, term.nb, D, scale, qh + r0 * D, D, term.head(h), term.nb, T(0), scratch.a[e].data(),
+           term.nb);
+    if (term.kind == kColCtx && scratch.projected_bh != bh)
+      gemm(false, false, L, term.nb, D, scale, kh, D, term.head(h), term.nb, T(0), scratch.a[e].data(), term.nb);
+  }
+  scratch.projected_bh = bh;
   bool gathered = false;
   for (int64_t t = 0; t < n; ++t) {
     T* row = s + t * L;
@@ -448,7 +450,7 @@ void block_logits(T* s, const T* qh, const T* kh, int64_t r0, int64_t n, const S
         term_gather(row, add, scratch.a[e].data() + t * term.nb, term, i, L, scratch.values.data(),
                     scratch.work.data());
       } else if (term.kind == kColCtx) {
-        column_gather(row, add, term.table + (b * sh.H + h) * term.head_stride, term.ids + i * L, L, term.nb);
+        column_gather(row, add, scratch.a[e].data(), term.ids + i * L, L, term.nb);
       }
       add = add || term.logit();
     }
@@ -539,8 +541,7 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
   std::vector<Tensor> grads;
   for (auto& term : terms) {
     std::vector<int64_t> size{B, H, term.nb};
-    if (term.kind == kRowCtx) size = {B, H, D, term.nb};
-    if (term.kind == kColCtx) size = {B, H, L, term.nb};
+    if (term.kind == kRowCtx || term.kind == kColCtx) size = {B, H, D, term.nb};
     if (term.kind == kValue) size = {B, H, term.nb, D};
     grads.push_back(at::zeros(size, q.options()));
     term.grad = grads.back().data_ptr<T>();
@@ -561,6 +562,8 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
       const T *qh = qp + bh * L * D, *kh = kp + bh * L * D, *vh = vp + bh * L * D;
       const T *oh = opt + bh * L * D, *goh = gop + bh * L * D;
       T *gkh = gkp + bh * L * D, *gvh = gvp + bh * L * D;
+      for (size_t e = 0; e < terms.size(); ++e)
+        if (terms[e].kind == kColCtx) std::fill(scratch.b[e].begin(), scratch.b[e].end(), T(0));
       for (int64_t r0 = 0; r0 < L; r0 += rows) {
         const int64_t n = std::min(rows, L - r0);
         const T *q_blk = qh + r0 * D, *go_blk = goh + r0 * D;
@@ -616,7 +619,7 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
             } else if (term.kind == kRowCtx) {
               term_sums(drow, term, i, L, scratch.work.data(), scratch.b[e].data() + t * term.nb);
             } else if (term.kind == kColCtx) {  // distinct keys j: distinct rows of the gradient
-              T* g = term.grad + bh * L * term.nb;
+              T* g = scratch.b[e].data();
               const bucket_t* id = term.ids + i * L;
               const int64_t nb = term.nb;
 #pragma omp simd
@@ -634,6 +637,13 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
           gemm(true, false, D, term.nb, n, scale, q_blk, D, scratch.b[e].data(), term.nb, T(1),
                term.grad + bh * D * term.nb, term.nb);
         }
+      }
+      for (size_t e = 0; e < terms.size(); ++e) {
+        const auto& term = terms[e];
+        if (term.kind != kColCtx) continue;  // projections p = s K r: dK += s dp r^T, dr = s K^T dp
+        gemm(false, true, L, D, term.nb, scale, scratch.b[e].data(), term.nb, term.head(h), term.nb, T(1), gkh, D);
+        gemm(true, false, D, term.nb, L, scale, kh, D, scratch.b[e].data(), term.nb, T(0),
+             term.grad + bh * D * term.nb, term.nb);
       }
     }
   });
