@@ -66,8 +66,9 @@ def tables_of(module, which: str):
     return [(table.method, table)]
 
 
-def attention_ref(module, query, key_padding_mask, hw):
-    """Naive self-attention with iRPE for an RPEMultiheadAttention in eval mode.
+def attention_ref(module, query, key_padding_mask, hw, dropout_mask=None):
+    """Naive self-attention with iRPE for an RPEMultiheadAttention in eval mode, or with the
+    given dropout multipliers of the attention weights (``(B, H, L, L)``, 0 or ``1 / (1 - p)``).
 
     Every per-pair encoding is materialised as an explicit (H, L, L[, D]) tensor indexed with
     reference bucket ids, then combined with einsums:
@@ -106,6 +107,8 @@ def attention_ref(module, query, key_padding_mask, hw):
     if key_padding_mask is not None:
         logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     attn = logits.softmax(-1)
+    if dropout_mask is not None:  # (B, H, L, L) multipliers: 0 or 1 / (1 - p)
+        attn = attn * dropout_mask
     out = torch.einsum("bhij,bhjd->bhid", attn, v)
     for method, table in tables_of(module, "v"):
         r = table.lookup_table_weight[:, ids_for(method)]  # (heads, L, L, D)

@@ -106,10 +106,11 @@ def test_blockwise_agrees_with_sdpa_path_float32(spec, impl):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "native"])
 @pytest.mark.parametrize("spec", ["rpe-0.5-product-ctx-1-qkv", "rpe-1.0-cross-bias-0-qk"])
-def test_gradcheck_with_dropout_in_several_blocks(spec):
+def test_gradcheck_with_dropout_in_several_blocks(spec, impl):
     """With the RNG reset before each call the dropout masks are fixed, so gradcheck sees one function."""
-    attn = blockwise(spec, channels=8, heads=2, rows=2, dropout=0.3).train()
+    attn = blockwise(spec, channels=8, heads=2, rows=2, dropout=0.3, impl=impl).train()
     x, kpm = make_inputs((2, 3), 0, batch=2, channels=8)
     names = [n for n, _ in attn.named_parameters() if "lookup_table" in n] + ["in_proj_weight"]
     params = {n: p.detach().clone().requires_grad_() for n, p in attn.named_parameters() if n in names}
@@ -124,12 +125,13 @@ def test_gradcheck_with_dropout_in_several_blocks(spec):
     assert torch.autograd.gradcheck(f, (x.requires_grad_(), *params.values()), eps=1e-6, atol=1e-5)
 
 
-def test_dropout_drops_whole_weights_and_rescales_the_rest():
+@pytest.mark.parametrize("impl", ["chunked", "native"])
+def test_dropout_drops_whole_weights_and_rescales_the_rest(impl):
     """With one-hot tokens, v = token and an identity output projection, each output row is a row
     of the attention weights: after dropout every weight is 0 or the undropped weight / (1 - p)."""
     torch.manual_seed(0)
     L, p = 16, 0.25
-    attn = blockwise("rpe-1.0-product-ctx-1-k", channels=L, heads=1, rows=3, dropout=p)
+    attn = blockwise("rpe-1.0-product-ctx-1-k", channels=L, heads=1, rows=3, dropout=p, impl=impl)
     with torch.no_grad():
         attn.in_proj_weight[2 * L:] = torch.eye(L)
         attn.out_proj.weight.copy_(torch.eye(L))

@@ -59,29 +59,29 @@ def test_float32_matches_float64_reference(spec, hw):
         torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-4)
 
 
-def test_auto_picks_native_on_cpu_and_chunked_with_dropout():
+def test_auto_picks_native_on_cpu():
     q = torch.zeros(1, 2, 4, 8)
     attn = RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k")
-    assert attn._blockwise_impl(q, need_weights=False, attn_mask=None, dropout=0.0) == "native"
-    assert attn._blockwise_impl(q.double(), need_weights=False, attn_mask=None, dropout=0.0) == "native"
-    assert attn._blockwise_impl(q, need_weights=False, attn_mask=None, dropout=0.1) == "chunked"
-    assert attn._blockwise_impl(q, need_weights=True, attn_mask=None, dropout=0.0) is None
-    assert attn._blockwise_impl(q, need_weights=False, attn_mask=torch.zeros(4, 4), dropout=0.0) is None
-    assert attn._blockwise_impl(q.bfloat16(), need_weights=False, attn_mask=None, dropout=0.0) is None
+    assert attn._blockwise_impl(q, need_weights=False, attn_mask=None) == "native"
+    assert attn._blockwise_impl(q.double(), need_weights=False, attn_mask=None) == "native"
+    assert attn._blockwise_impl(q, need_weights=True, attn_mask=None) is None
+    assert attn._blockwise_impl(q, need_weights=False, attn_mask=torch.zeros(4, 4)) is None
+    assert attn._blockwise_impl(q.bfloat16(), need_weights=False, attn_mask=None) is None
     for impl, want in [("chunked", "chunked"), ("sdpa", None), ("native", "native")]:
         layer = RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k", rpe_impl=impl)
-        assert layer._blockwise_impl(q, need_weights=False, attn_mask=None, dropout=0.0) == want
+        assert layer._blockwise_impl(q, need_weights=False, attn_mask=None) == want
     with pytest.raises(ValueError, match="rpe_impl"):
         RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k", rpe_impl="flash")
 
 
-def test_training_with_dropout_uses_chunked_and_eval_uses_native(monkeypatch):
+def test_training_with_dropout_and_eval_both_use_native(monkeypatch):
     from detr_irpe.irpe import attention as attention_module
 
     calls = []
 
     def spy(name, kernel):
-        return type(name, (), {"apply": staticmethod(lambda *args: calls.append(name) or kernel.apply(*args))})
+        return type(name, (), {"apply": staticmethod(lambda *args: calls.append((name, args[0].dropout))
+                                                     or kernel.apply(*args))})
 
     monkeypatch.setattr(attention_module, "RowChunkedAttention", spy("chunked", attention_module.RowChunkedAttention))
     monkeypatch.setattr(native, "FusedRPEAttention", spy("native", native.FusedRPEAttention))
@@ -89,7 +89,58 @@ def test_training_with_dropout_uses_chunked_and_eval_uses_native(monkeypatch):
     x = torch.randn(12, 1, 16)
     attn.train()(x, x, x, hw=(3, 4))
     attn.eval()(x, x, x, hw=(3, 4))
-    assert calls == ["chunked", "native"]
+    assert calls == [("native", 0.1), ("native", 0.0)]
+
+
+@pytest.mark.parametrize("spec", ["rpe-2.0-product-ctx-1-qkv", "rpe-1.0-euc-bias-0-qk", "rpe-2.0-cross-ctx-1-kv"])
+def test_dropout_matches_float64_reference_with_the_kernels_masks(kernel, spec):
+    """Forward and every gradient with dropout 0.3 against the naive reference given the masks
+    the kernel draws (its dropout_mask): dropout acts on the weights before the values and their
+    iRPE term, and backward redraws exactly forward's masks."""
+    torch.manual_seed(0)
+    hw, heads, channels, p = (5, 7), 2, 16, 0.3
+    L = hw[0] * hw[1]
+    attn = RPEMultiheadAttention(channels, heads, dropout=p, rpe=spec, rpe_impl="native").double().train()
+    attn.chunk_rows = 4  # several blocks per head
+    randomize_tables(attn, torch.Generator().manual_seed(2))
+    x = torch.randn(L, 2, channels, dtype=torch.float64, requires_grad=True)
+    kpm = torch.zeros(2, L, dtype=torch.bool)
+    kpm[1, -9:] = True
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2 ** 62, ()))  # the seed the layer draws after the same reset
+    torch.manual_seed(5)
+    out, _ = attn(x, x, x, key_padding_mask=kpm, hw=hw)
+    got = torch.autograd.grad(out.square().sum(), [x, *attn.parameters()])
+    mask = kernel.dropout_mask(p, seed, 2 * heads * L, L).view(2, heads, L, L)
+    assert 0.2 < (mask == 0).double().mean() < 0.4 and set(mask.unique().tolist()) == {0.0, 1 / (1 - p)}
+    ref_out, _ = attention_ref(attn, x, kpm, hw, dropout_mask=mask)
+    want = torch.autograd.grad(ref_out.square().sum(), [x, *attn.parameters()])
+    torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-12)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+
+
+def test_dropout_masks_are_fair_independent_and_seeded(kernel):
+    """Drop rate within 4 sigma of p, no correlation between neighbouring keys or rows, the same
+    masks for the same seed, and others for another seed; float32 and float64 kernels agree."""
+    p, rows, L = 0.1, 512, 850
+    mask = kernel.dropout_mask(p, 123, rows, L)
+    dropped = (mask == 0).double()
+    n = rows * L
+    assert abs(dropped.mean() - p) < 4 * (p * (1 - p) / n) ** 0.5
+    for a, b in [(dropped[:, 1:], dropped[:, :-1]), (dropped[1:], dropped[:-1])]:  # neighbouring keys, rows
+        both = (a * b).mean()
+        assert abs(both - p * p) < 4 * (p * p * (1 - p * p) / a.numel()) ** 0.5
+    assert torch.equal(mask, kernel.dropout_mask(p, 123, rows, L))
+    assert not torch.equal(mask, kernel.dropout_mask(p, 124, rows, L))
+    # the float32 kernel applies the same masks: with v = one-hot keys the output rows are the weights
+    torch.manual_seed(0)
+    q = torch.zeros(1, 1, 40, 40)
+    v = torch.eye(40).view(1, 1, 40, 40)
+    for dtype in (torch.float32, torch.float64):
+        out, _ = kernel.forward(q.to(dtype), q.to(dtype), v.to(dtype), 1.0, torch.empty(0, dtype=torch.bool), [], 8,
+                                0.5, 99)
+        torch.testing.assert_close(out.double().view(40, 40), kernel.dropout_mask(0.5, 99, 40, 40) / 40)
 
 
 def test_fallback_when_the_kernel_cannot_be_built(monkeypatch):
@@ -108,7 +159,7 @@ def test_fallback_when_the_kernel_cannot_be_built(monkeypatch):
     assert "Ninja is required" in native.unavailable_reason()
     q = torch.zeros(1, 2, 4, 8)
     auto = RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k")
-    assert auto._blockwise_impl(q, need_weights=False, attn_mask=None, dropout=0.0) == "chunked"
+    assert auto._blockwise_impl(q, need_weights=False, attn_mask=None) == "chunked"
     x = torch.randn(12, 1, 16)
     out, _ = auto(x, x, x, hw=(3, 4))  # runs, on the chunked kernel
     strict = RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k", rpe_impl="native")
@@ -129,9 +180,9 @@ def test_kernel_rejects_malformed_inputs(kernel):
     empty = torch.empty(0, dtype=torch.bool)
     none = torch.empty(0, dtype=torch.int16)
 
-    def forward(q, tables, ids, factors=(none, none, 0)):
+    def forward(q, tables, ids, factors=(none, none, 0), dropout=0.0):
         specs = [(0, table, i, *factors) for table, i in zip(tables, ids)]
-        return kernel.forward(q, q, q, 0.5, empty, specs, 4)
+        return kernel.forward(q, q, q, 0.5, empty, specs, 4, dropout, 0)
 
     with pytest.raises(RuntimeError, match="int16"):
         forward(q, [torch.zeros(2, 3)], [ids.long()])
@@ -143,6 +194,8 @@ def test_kernel_rejects_malformed_inputs(kernel):
         forward(q, [torch.zeros(2, 3)], [ids], (torch.ones(2, 2, dtype=torch.int16), torch.ones(3, 3, dtype=torch.int16), 3))
     with pytest.raises(RuntimeError, match="contiguous"):
         forward(q.transpose(2, 3), [], [])
+    with pytest.raises(RuntimeError, match=r"dropout must be in \[0, 1\), got 1"):
+        forward(q, [], [], dropout=1.0)
     out, lse = forward(q, [torch.zeros(2, 3)], [ids])
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, scale=0.5))
 

@@ -37,10 +37,11 @@ class RPEMultiheadAttention(nn.Module):
     * ``"native"``: a compiled CPU kernel (:mod:`.native`, built on first use) that takes blocks
       of query rows through logits, softmax and values in one pass each, reading every pair's
       iRPE term from per-bucket tables, and recomputes each block in backward from the saved
-      log-sum-exp (as flash attention does). No ``(B, H, L, L)`` tensor is formed. It has no
-      attention dropout: training calls with dropout take the ``"chunked"`` path.
-    * ``"chunked"``: the same blockwise algorithm in PyTorch ops (with dropout); the fallback
-      where the kernel cannot be built.
+      log-sum-exp (as flash attention does). No ``(B, H, L, L)`` tensor is formed. Its dropout
+      masks are drawn from a hash of a seed taken from torch's generator (so ``torch.manual_seed``
+      fixes them), not from the generator itself.
+    * ``"chunked"``: the same blockwise algorithm in PyTorch ops; the fallback where the kernel
+      cannot be built.
     * ``"sdpa"``: the iRPE terms go to SDPA as a ``(B, H, L, L)`` float mask (the weights are
       formed explicitly for an encoding on values).
     * ``"auto"`` (default): ``"native"`` on CPU if it could be built, else ``"chunked"``; ``"sdpa"``
@@ -162,7 +163,7 @@ class RPEMultiheadAttention(nn.Module):
             if S != L:
                 raise ValueError(f"iRPE is defined for self-attention; got {L} queries and {S} keys")
             get_ids, grid = self._bucket_lookup(hw, L, query.device)
-            impl = self._blockwise_impl(q, need_weights, attn_mask, p)
+            impl = self._blockwise_impl(q, need_weights, attn_mask)
             if impl is not None:
                 out = self._blockwise(q, k, v, key_padding_mask, get_ids, grid, p, fused=impl == "native")
                 return self.out_proj(out.permute(2, 0, 1, 3).reshape(L, B, C)), None
@@ -188,15 +189,14 @@ class RPEMultiheadAttention(nn.Module):
         out = out.permute(2, 0, 1, 3).reshape(L, B, C)
         return self.out_proj(out), weights
 
-    def _blockwise_impl(self, q: Tensor, need_weights: bool, attn_mask: Optional[Tensor],
-                        dropout: float) -> Optional[str]:
+    def _blockwise_impl(self, q: Tensor, need_weights: bool, attn_mask: Optional[Tensor]) -> Optional[str]:
         """``"native"`` or ``"chunked"`` if this call takes a blockwise kernel, else None (SDPA / explicit)."""
         impl = self.rpe_impl
         if impl == "sdpa" or need_weights or attn_mask is not None or q.dtype not in (torch.float32, torch.float64):
             return None
         if impl == "auto" and q.device.type != "cpu":
             return None
-        if impl == "chunked" or dropout > 0:
+        if impl == "chunked":
             return "chunked"
         if q.device.type != "cpu":
             raise ValueError(f"rpe_impl='native' is a CPU kernel; the inputs are on {q.device}")

@@ -125,7 +125,7 @@ def _padding(plan: Plan, batch: int, length: int) -> Tensor:
 
 
 class FusedRPEAttention(torch.autograd.Function):
-    """:class:`.chunked.RowChunkedAttention` without dropout, by the compiled kernel.
+    """:class:`.chunked.RowChunkedAttention` by the compiled kernel (its own dropout masks).
 
     Inputs: a :class:`.chunked.Plan` whose terms carry int16 ids as the kernel reads them
     (transposed for a term on queries), q, k, v ``(B, H, L, D)`` and the tables its terms name.
@@ -134,14 +134,13 @@ class FusedRPEAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: Plan, q: Tensor, k: Tensor, v: Tensor, *tables: Tensor) -> Tensor:
-        if plan.dropout:
-            raise ValueError("the fused iRPE kernel has no attention dropout; use the row-chunked kernel")
         kernel = load()
         B, H, L, _ = q.shape
         ctx.table_dtypes = [t.dtype for t in tables]
         tables = tuple(t.to(q.dtype) for t in tables)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = kernel.forward(q, k, v, plan.scale, _padding(plan, B, L), _kernel_terms(plan, tables), plan.rows)
+        out, lse = kernel.forward(q, k, v, plan.scale, _padding(plan, B, L), _kernel_terms(plan, tables), plan.rows,
+                                   plan.dropout, plan.seed)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse, *tables)
         return out
@@ -153,7 +152,7 @@ class FusedRPEAttention(torch.autograd.Function):
         B, H, L, _ = q.shape
         grad_q, grad_k, grad_v, *term_grads = load().backward(
             q, k, v, out, lse, grad_out.contiguous(), plan.scale, _padding(plan, B, L), _kernel_terms(plan, tables),
-            plan.rows)
+            plan.rows, plan.dropout, plan.seed)
         grad_tables: List[Optional[Tensor]] = [None] * len(tables)
         for term, grad in zip(plan.terms, term_grads):
             grad_tables[term.position] = sum_heads(grad.sum(0), tables[term.position].shape[0])

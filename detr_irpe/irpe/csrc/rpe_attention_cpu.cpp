@@ -23,6 +23,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -168,6 +169,51 @@ inline double row_max(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
   return m;
+}
+
+// Attention dropout. Key j of query row r (numbered (b * H + h) * L + i) is kept when a hash of
+// (seed, r, j) is at least p * 2^32: a counter-based draw, so that backward rebuilds forward's
+// masks instead of storing them, and float and double draw the same ones.
+struct Dropout {
+  double p = 0;
+  uint64_t seed = 0;
+  bool on() const { return p > 0; }
+};
+
+inline uint64_t mix64(uint64_t x) {  // the splitmix64 finaliser
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+typedef uint32_t vuint __attribute__((vector_size(64)));
+
+template <typename U>
+inline U mix32(U x) {  // a 32-bit integer hash (two multiplies), on one number or 16 lanes
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  return x ^ (x >> 16);
+}
+
+// m[j] = 1 / (1 - p) where key j of query row r is kept, else 0, for j < L.
+template <typename T>
+void dropout_multipliers(T* m, int64_t L, const Dropout& drop, int64_t r) {
+  const uint32_t key = static_cast<uint32_t>(mix64(drop.seed + 0x9E3779B97F4A7C15ull * (uint64_t(r) + 1)));
+  const uint32_t threshold = static_cast<uint32_t>(std::min(drop.p * 4294967296.0, 4294967295.0));
+  const T kept = T(1 / (1 - drop.p));
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    vuint lane;
+    for (int l = 0; l < kLanes; ++l) lane[l] = l;
+    for (; j + kLanes <= L; j += kLanes) {
+      const vuint h = mix32<vuint>(key + (lane + uint32_t(j)) * 0x9E3779B9u);
+      const vfloat keep = h >= threshold ? broadcast(kept) : broadcast(0.f);
+      store(m + j, keep);
+    }
+  }
+  for (; j < L; ++j) m[j] = mix32<uint32_t>(key + uint32_t(j) * 0x9E3779B9u) >= threshold ? kept : T(0);
 }
 
 // Bucket ids: int16 halves the bytes read per logit (the ids of a head are read once per head);
@@ -477,7 +523,8 @@ Shape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
 
 template <typename T>
 std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, double scale_d,
-                                 const Tensor& pad_mask, const std::vector<TermSpec>& specs, int64_t rows) {
+                                 const Tensor& pad_mask, const std::vector<TermSpec>& specs, int64_t rows,
+                                 const Dropout& drop) {
   const Shape sh = check_qkv(q, k, v);
   const int64_t B = sh.B, H = sh.H, L = sh.L, D = sh.D;
   const T scale = static_cast<T>(scale_d);
@@ -491,7 +538,7 @@ std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor&
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
     Buffer<T> block(rows * L + kGatherSlack, q.options());
     T* s = block.data;
-    std::vector<T> inv(rows);
+    std::vector<T> inv(rows), keep(drop.on() ? L : 0);
     Scratch<T> scratch(terms, rows, L);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, r0 = (task % blocks) * rows, b = bh / H, h = bh % H;
@@ -506,6 +553,11 @@ std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor&
         const T sum = exp_row(row, L, m, pad.keep_row(b, L));
         lp[bh * L + r0 + t] = m + std::log(sum);
         inv[t] = T(1) / sum;
+        if (drop.on()) {  // the weights after dropout, for the values and their iRPE alike
+          dropout_multipliers(keep.data(), L, drop, bh * L + r0 + t);
+#pragma omp simd
+          for (int64_t j = 0; j < L; ++j) row[j] *= keep[j];
+        }
         for (size_t e = 0; e < terms.size(); ++e) {
           if (terms[e].kind != kValue) continue;
           const int64_t nb = terms[e].nb;
@@ -530,7 +582,8 @@ std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor&
 template <typename T>
 std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                                   const Tensor& lse, const Tensor& grad_out, double scale_d,
-                                  const Tensor& pad_mask, const std::vector<TermSpec>& specs, int64_t rows) {
+                                  const Tensor& pad_mask, const std::vector<TermSpec>& specs, int64_t rows,
+                                  const Dropout& drop) {
   const Shape sh = check_qkv(q, k, v);
   const int64_t B = sh.B, H = sh.H, L = sh.L, D = sh.D;
   TORCH_CHECK(out.is_contiguous() && grad_out.is_contiguous() && lse.is_contiguous() &&
@@ -554,7 +607,8 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     Buffer<T> block(rows * L + kGatherSlack, q.options()), grad_block(rows * L + kGatherSlack, q.options());
-    T *p = block.data, *dp = grad_block.data;
+    Buffer<T> keep_block(drop.on() ? rows * L : 0, q.options());
+    T *p = block.data, *dp = grad_block.data, *keep = keep_block.data;
     std::vector<T> delta(rows);
     Scratch<T> scratch(terms, rows, L);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -578,10 +632,18 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
           exp_row(row, L, lp[bh * L + i], pad.keep_row(b, L));  // probabilities
           T dot = 0;
           for (int64_t d = 0; d < D; ++d) dot += goh[i * D + d] * oh[i * D + d];
-          delta[t] = dot;  // sum_j p_ij d p_ij = dO_i . O_i
+          delta[t] = dot;  // sum_j p_ij d p_ij = dO_i . O_i, with or without dropout
+          T* weights = row;  // after dropout: into dp, which is free until dP below
+          if (drop.on()) {
+            T* m = keep + t * L;
+            dropout_multipliers(m, L, drop, bh * L + i);
+            weights = dp + t * L;
+#pragma omp simd
+            for (int64_t j = 0; j < L; ++j) weights[j] = row[j] * m[j];
+          }
           for (size_t e = 0; e < terms.size(); ++e)
             if (terms[e].kind == kValue)  // the weight of each bucket
-              term_sums(row, terms[e], i, L, scratch.work.data(), scratch.b[e].data() + t * terms[e].nb);
+              term_sums(weights, terms[e], i, L, scratch.work.data(), scratch.b[e].data() + t * terms[e].nb);
         }
         for (size_t e = 0; e < terms.size(); ++e) {
           const auto& term = terms[e];
@@ -592,7 +654,7 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
           gemm(false, true, n, term.nb, D, T(1), go_blk, D, term.head(h), D, T(0), scratch.a[e].data(), term.nb);
           std::fill(scratch.b[e].begin(), scratch.b[e].end(), T(0));
         }
-        gemm(true, false, L, D, n, T(1), p, L, go_blk, D, T(1), gvh, D);  // dV += P^T dO
+        gemm(true, false, L, D, n, T(1), drop.on() ? dp : p, L, go_blk, D, T(1), gvh, D);  // dV += P^T dO
         bool gathered = false;
         for (int64_t t = 0; t < n; ++t) {
           bool add = false;
@@ -610,8 +672,14 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
           T* drow = dp + t * L;
           const T* prow = p + t * L;
           const T dl = delta[t];
+          if (drop.on()) {  // dP of the weights before dropout
+            const T* m = keep + t * L;
 #pragma omp simd
-          for (int64_t j = 0; j < L; ++j) drow[j] = prow[j] * (drow[j] - dl);  // d logits
+            for (int64_t j = 0; j < L; ++j) drow[j] = prow[j] * (drow[j] * m[j] - dl);  // d logits
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < L; ++j) drow[j] = prow[j] * (drow[j] - dl);
+          }
           for (size_t e = 0; e < terms.size(); ++e) {
             const auto& term = terms[e];
             if (term.kind == kBias) {
@@ -652,23 +720,41 @@ std::vector<Tensor> backward_impl(const Tensor& q, const Tensor& k, const Tensor
   return result;
 }
 
-// Python entry points; specs: one TermSpec per iRPE term; rows: query rows per block.
+Dropout make_dropout(double p, int64_t seed) {
+  TORCH_CHECK(p >= 0 && p < 1, "dropout must be in [0, 1), got ", p);
+  return Dropout{p, static_cast<uint64_t>(seed)};
+}
+
+// Python entry points; specs: one TermSpec per iRPE term; rows: query rows per block; dropout
+// and seed: the probability of dropping an attention weight and the masks' seed (the same in
+// forward and backward).
 std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, const Tensor& pad_mask,
-                            const std::vector<TermSpec>& specs, int64_t rows) {
+                            const std::vector<TermSpec>& specs, int64_t rows, double dropout, int64_t seed) {
   TORCH_CHECK(rows > 0, "rows must be positive");
-  if (q.scalar_type() == at::kFloat) return forward_impl<float>(q, k, v, scale, pad_mask, specs, rows);
+  const Dropout drop = make_dropout(dropout, seed);
+  if (q.scalar_type() == at::kFloat) return forward_impl<float>(q, k, v, scale, pad_mask, specs, rows, drop);
   TORCH_CHECK(q.scalar_type() == at::kDouble, "float32 or float64 only");
-  return forward_impl<double>(q, k, v, scale, pad_mask, specs, rows);
+  return forward_impl<double>(q, k, v, scale, pad_mask, specs, rows, drop);
 }
 
 std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                              const Tensor& grad_out, double scale, const Tensor& pad_mask,
-                             const std::vector<TermSpec>& specs, int64_t rows) {
+                             const std::vector<TermSpec>& specs, int64_t rows, double dropout, int64_t seed) {
   TORCH_CHECK(rows > 0, "rows must be positive");
+  const Dropout drop = make_dropout(dropout, seed);
   if (q.scalar_type() == at::kFloat)
-    return backward_impl<float>(q, k, v, out, lse, grad_out, scale, pad_mask, specs, rows);
+    return backward_impl<float>(q, k, v, out, lse, grad_out, scale, pad_mask, specs, rows, drop);
   TORCH_CHECK(q.scalar_type() == at::kDouble, "float32 or float64 only");
-  return backward_impl<double>(q, k, v, out, lse, grad_out, scale, pad_mask, specs, rows);
+  return backward_impl<double>(q, k, v, out, lse, grad_out, scale, pad_mask, specs, rows, drop);
+}
+
+// The multipliers (0 or 1 / (1 - dropout)) that the kernel applies to the attention weights of
+// query rows 0 : rows (row (b * H + h) * L + i), for tests: (rows, L) float64.
+Tensor dropout_mask(double dropout, int64_t seed, int64_t rows, int64_t L) {
+  const Dropout drop = make_dropout(dropout, seed);
+  Tensor mask = at::empty({rows, L}, at::kDouble);
+  for (int64_t r = 0; r < rows; ++r) dropout_multipliers(mask.data_ptr<double>() + r * L, L, drop, r);
+  return mask;
 }
 
 }  // namespace
@@ -676,4 +762,5 @@ std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& v, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused iRPE attention forward: (out (B, H, L, D), lse (B, H, L))");
   m.def("backward", &backward, "fused iRPE attention backward: dq, dk, dv, then one gradient per term");
+  m.def("dropout_mask", &dropout_mask, "the kernel's dropout multipliers of query rows 0 : rows, (rows, L)");
 }
