@@ -32,7 +32,9 @@ class RPEMultiheadAttention(nn.Module):
     where ``b(i, j)`` is the bucket of ``p_i - p_j``. The query-side term indexes the bucket of
     ``p_j - p_i``, as the iRPE release does (its table is applied to keys and transposed).
 
-    How it is computed (``rpe_impl``); without iRPE always ``F.scaled_dot_product_attention``:
+    How it is computed (``rpe_impl``). Without iRPE: ``F.scaled_dot_product_attention``, except
+    self-attention with dropout on CPU, where SDPA has no flash kernel and forms the full weights:
+    there the ``"native"`` kernel below (unless ``rpe_impl`` is ``"sdpa"`` or ``"chunked"``).
 
     * ``"native"``: a compiled CPU kernel (:mod:`.native`, built on first use) that takes blocks
       of query rows through logits, softmax and values in one pass each, reading every pair's
@@ -172,6 +174,10 @@ class RPEMultiheadAttention(nn.Module):
             if self.rpe_q is not None:
                 term = self.rpe_q.logits(k * scale, get_ids).transpose(-2, -1)
                 bias = term if bias is None else bias + term
+        elif p > 0 and S == L and q.device.type == "cpu" and self._blockwise_impl(q, need_weights, attn_mask) == "native":
+            # CPU training with dropout: SDPA has no flash kernel for it and would form the full weights
+            out = self._blockwise(q, k, v, key_padding_mask, None, None, p, fused=True)
+            return self.out_proj(out.permute(2, 0, 1, 3).reshape(L, B, C)), None
         bias = _merge_masks(bias, attn_mask, key_padding_mask, B, self.num_heads, L, S, q.dtype)
 
         if self.rpe_v is None and not need_weights:
@@ -208,7 +214,7 @@ class RPEMultiheadAttention(nn.Module):
         return "chunked"
 
     def _blockwise(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                   get_ids, grid: Tuple[int, int], dropout: float, fused: bool) -> Tensor:
+                   get_ids, grid: Optional[Tuple[int, int]], dropout: float, fused: bool) -> Tensor:
         """The native (``fused``) or row-chunked kernel; q, k, v and the result are ``(B, H, L, D)``."""
         B, H, L, _ = q.shape
         cfg = self.rpe_config
