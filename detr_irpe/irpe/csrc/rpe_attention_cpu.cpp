@@ -6,9 +6,10 @@
 // per-pair values are read straight from its table (bias), from the block's queries projected
 // on every bucket (contextual on keys), or from the keys of the head projected on every bucket,
 // once per head and thread (contextual on queries). Nothing of size L x L x head_dim, and no
-// (B, H, L, L) tensor, is ever formed. Backward recomputes each block's probabilities from the saved log-sum-exp, as
-// flash attention does, and returns one gradient per term (summed over batch and shared heads
-// by the caller, detr_irpe/irpe/native.py).
+// (B, H, L, L) tensor, is ever formed. Backward recomputes each block's probabilities from the
+// saved log-sum-exp, as flash attention does, and returns one gradient per term (summed over
+// batch and shared heads by the caller, detr_irpe/irpe/native.py). Attention dropout masks come
+// from a hash (dropout_multipliers), so backward redraws them rather than keeping them.
 //
 // Matrix products go to the BLAS that torch links (sgemm_ / dgemm_), called single-threaded
 // from inside at::parallel_for: forward splits over (batch, head, row block), backward over
