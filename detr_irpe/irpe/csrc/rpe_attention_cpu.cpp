@@ -279,10 +279,11 @@ std::vector<Term<T>> make_terms(const std::vector<TermSpec>& specs, int64_t H, i
                   "bucket factors must be contiguous int16 (gh, gh) and (gw, gw) with gh * gw = L");
       term.rows = fr.data_ptr<bucket_t>(), term.cols = fc.data_ptr<bucket_t>();
       term.gh = fr.size(0), term.gw = fc.size(0), term.side = side;
-      term.ny = fr.max().item<int64_t>() + 1;
-      term.nx = fc.max().item<int64_t>() + 1;
-      TORCH_CHECK(fr.min().item<int64_t>() >= 0 && fc.min().item<int64_t>() >= 0 &&
-                      (term.ny - 1) * term.side + term.nx - 1 < term.nb,
+      // a scan of the raw ids (gh^2 + gw^2 of them): cheaper, per call, than four torch reductions
+      const auto [row_min, row_max] = std::minmax_element(term.rows, term.rows + fr.numel());
+      const auto [col_min, col_max] = std::minmax_element(term.cols, term.cols + fc.numel());
+      term.ny = *row_max + 1, term.nx = *col_max + 1;
+      TORCH_CHECK(*row_min >= 0 && *col_min >= 0 && (term.ny - 1) * term.side + term.nx - 1 < term.nb,
                   "bucket factors out of the table's range");
     }
     terms.push_back(term);
