@@ -4,9 +4,8 @@ Compares, on the same inputs and machine:
 
 * ``nn.MultiheadAttention`` called the way DETR's encoder calls it (``need_weights`` left at its
   default True, so it also averages attention weights that DETR throws away);
-* ``RPEMultiheadAttention`` without iRPE;
-* ``RPEMultiheadAttention`` with iRPE specs (``rpe_impl="auto"``: on CPU the compiled kernel
-  without dropout, the row-chunked one with dropout), and ``rpe-2.0-product-ctx-1-k`` once more
+* ``RPEMultiheadAttention`` without iRPE (SDPA; on CPU with dropout the compiled kernel);
+* ``RPEMultiheadAttention`` with iRPE specs (``rpe_impl="auto"``: on CPU the compiled kernel), and ``rpe-2.0-product-ctx-1-k`` once more
   with ``rpe_impl="chunked"`` (the PyTorch-ops kernel) and ``rpe_impl="sdpa"`` (the full
   ``(B, H, L, L)`` float mask given to SDPA) to show what each step buys.
 

@@ -1,5 +1,5 @@
-"""Row-chunked iRPE attention in pure PyTorch: the CPU path with attention dropout, and the
-fallback wherever the fused kernel (:mod:`.native`) cannot be built.
+"""Row-chunked iRPE attention in pure PyTorch: the fallback wherever the fused kernel
+(:mod:`.native`) cannot be built, and ``rpe_impl="chunked"``.
 
 An iRPE term on queries or keys makes every logit different, so a fused kernel needs it as
 a full (B, H, L, L) float mask, and on CPU SDPA has no fused kernel with a gradient for the
