@@ -23,8 +23,9 @@ def kernel():
 
 
 # Float32 takes code paths float64 does not: the vectorised exp and its partial last vector, and
-# on AVX-512 machines the permute gathers (tables of up to 16 / 32 values: product and cross at
-# ratio 2.0 and 4.0, euc) with the scalar gather beyond (quant, euc at ratio 4.0).
+# on AVX-512 machines the permute gathers (tables of up to 16 / 32 values: 9 and 17 column
+# buckets for product and cross at ratio 2.0 and 4.0, 9 and 17 buckets for euc and quant) with
+# the scalar gather beyond (33 buckets, euc at ratio 8.0).
 @pytest.mark.parametrize("spec, hw", [
     ("rpe-2.0-product-ctx-1-k", (25, 34)),
     ("rpe-2.0-euc-bias-0-qk", (25, 34)),
@@ -34,6 +35,7 @@ def kernel():
     ("rpe-4.0-product-ctx-1-k", (12, 37)),
     ("rpe-4.0-euc-ctx-0-qv", (9, 40)),
     ("rpe-2.0-quant-ctx-1-k", (11, 7)),
+    ("rpe-8.0-euc-bias-0-k", (6, 9)),
 ])
 def test_float32_matches_float64_reference(spec, hw):
     """A feature map with a padded image, the float32 kernel (polynomial exp, blocks of many
