@@ -158,26 +158,22 @@ class RPEMultiheadAttention(nn.Module):
         q, k, v = self._project(query, key, value)
         scale = self.head_dim ** -0.5
 
-        get_ids = None
+        get_ids, grid = None, None
         bias = None  # additive logits, broadcastable to (B, H, L, S)
         p = self.dropout if self.training else 0.0
         if self.rpe_config is not None:
             if S != L:
                 raise ValueError(f"iRPE is defined for self-attention; got {L} queries and {S} keys")
             get_ids, grid = self._bucket_lookup(hw, L, query.device)
-            impl = self._blockwise_impl(q, need_weights, attn_mask)
-            if impl is not None:
-                out = self._blockwise(q, k, v, key_padding_mask, get_ids, grid, p, fused=impl == "native")
-                return self.out_proj(out.permute(2, 0, 1, 3).reshape(L, B, C)), None
-            if self.rpe_k is not None:
-                bias = self.rpe_k.logits(q * scale, get_ids)
-            if self.rpe_q is not None:
-                term = self.rpe_q.logits(k * scale, get_ids).transpose(-2, -1)
-                bias = term if bias is None else bias + term
-        elif p > 0 and S == L and q.device.type == "cpu" and self._blockwise_impl(q, need_weights, attn_mask) == "native":
-            # CPU training with dropout: SDPA has no flash kernel for it and would form the full weights
-            out = self._blockwise(q, k, v, key_padding_mask, None, None, p, fused=True)
+        impl = self._blockwise_impl(q, need_weights, attn_mask, dropout=p, keys=S)
+        if impl is not None:
+            out = self._blockwise(q, k, v, key_padding_mask, get_ids, grid, p, fused=impl == "native")
             return self.out_proj(out.permute(2, 0, 1, 3).reshape(L, B, C)), None
+        if self.rpe_k is not None:
+            bias = self.rpe_k.logits(q * scale, get_ids)
+        if self.rpe_q is not None:
+            term = self.rpe_q.logits(k * scale, get_ids).transpose(-2, -1)
+            bias = term if bias is None else bias + term
         bias = _merge_masks(bias, attn_mask, key_padding_mask, B, self.num_heads, L, S, q.dtype)
 
         if self.rpe_v is None and not need_weights:
@@ -195,11 +191,19 @@ class RPEMultiheadAttention(nn.Module):
         out = out.permute(2, 0, 1, 3).reshape(L, B, C)
         return self.out_proj(out), weights
 
-    def _blockwise_impl(self, q: Tensor, need_weights: bool, attn_mask: Optional[Tensor]) -> Optional[str]:
-        """``"native"`` or ``"chunked"`` if this call takes a blockwise kernel, else None (SDPA / explicit)."""
+    def _blockwise_impl(self, q: Tensor, need_weights: bool, attn_mask: Optional[Tensor], dropout: float = 0.0,
+                        keys: Optional[int] = None) -> Optional[str]:
+        """``"native"`` or ``"chunked"`` if this call takes a blockwise kernel, else None (SDPA / explicit).
+
+        Without iRPE only CPU self-attention with dropout does (``"native"``): SDPA has no flash
+        kernel with dropout there and would form the full weights.
+        """
         impl = self.rpe_impl
         if impl == "sdpa" or need_weights or attn_mask is not None or q.dtype not in (torch.float32, torch.float64):
             return None
+        if self.rpe_config is None:
+            plain = dropout > 0 and keys in (None, q.shape[2]) and q.device.type == "cpu" and impl != "chunked"
+            return "native" if plain and native.load() is not None else None
         if impl == "auto" and q.device.type != "cpu":
             return None
         if impl == "chunked":

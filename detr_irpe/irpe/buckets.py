@@ -58,6 +58,30 @@ def _offsets(n: int, device) -> Tensor:
 
 
 @torch.no_grad()
+def bucket_factors(method: str, height: int, width: int, ratio: float,
+                   device=None) -> Optional[Tuple[Tensor, Tensor, int]]:
+    """The row and column parts of a separable method's bucket ids (no skip tokens).
+
+    For ``product``, ``cross_rows`` and ``cross_cols``, returns ``(rows (H, H), cols (W, W), side)``
+    with ``ids[(yi, xi), (yj, xj)] = rows[yi, yj] * side + cols[xi, xj]``, from which
+    :func:`bucket_ids_2d` builds the ids of these methods; the fused kernel uses them to handle a
+    query's keys row by row. None for ``euc`` and ``quant``, whose buckets depend on both offsets
+    at once.
+    """
+    if method not in ("product", "cross_rows", "cross_cols"):
+        return None
+    alpha, beta, gamma = 1.0 * ratio, 2.0 * ratio, 8.0 * ratio
+    beta_int = int(beta)
+    rows = piecewise_index(_offsets(height, device), alpha, beta, gamma) + beta_int
+    cols = piecewise_index(_offsets(width, device), alpha, beta, gamma) + beta_int
+    if method == "cross_rows":
+        return rows, torch.zeros_like(cols), 1
+    if method == "cross_cols":
+        return torch.zeros_like(rows), cols, 0
+    return rows, cols, 2 * beta_int + 1
+
+
+@torch.no_grad()
 def bucket_ids_2d(method: str, height: int, width: int, ratio: float, skip: int = 0,
                   device=None) -> Tuple[Tensor, int]:
     """Bucket id of every pair of tokens on an ``height x width`` grid (plus ``skip`` leading tokens).
@@ -76,22 +100,16 @@ def bucket_ids_2d(method: str, height: int, width: int, ratio: float, skip: int 
     if height <= 0 or width <= 0:
         raise ValueError(f"feature map size must be positive, got height={height}, width={width}")
     alpha, beta, gamma = 1.0 * ratio, 2.0 * ratio, 8.0 * ratio
-    beta_int = int(beta)
-    g = lambda t: piecewise_index(t, alpha, beta, gamma)  # noqa: E731
-    dr = _offsets(height, device)[:, None, :, None]  # (H, 1, H, 1): row_i - row_j
-    dc = _offsets(width, device)[None, :, None, :]  # (1, W, 1, W): col_i - col_j
-    if method == "product":
-        side = 2 * beta_int + 1
-        ids = (g(dr) + beta_int) * side + (g(dc) + beta_int)
-    elif method == "cross_rows":
-        ids = (g(dr) + beta_int).expand(height, width, height, width)
-    elif method == "cross_cols":
-        ids = (g(dc) + beta_int).expand(height, width, height, width)
-    elif method == "euc":
-        dist = (dr.square() + dc.square()).float().sqrt().round()
-        ids = g(dist) + beta_int
-    else:  # quant: squared distance
-        ids = g(dr.square() + dc.square()) + beta_int
+    factors = bucket_factors(method, height, width, ratio, device)
+    if factors is not None:  # product, cross: a row part and a column part
+        rows, cols, side = factors
+        ids = (rows[:, None, :, None] * side + cols[None, :, None, :]).expand(height, width, height, width)
+    else:
+        dr = _offsets(height, device)[:, None, :, None]  # (H, 1, H, 1): row_i - row_j
+        dc = _offsets(width, device)[None, :, None, :]  # (1, W, 1, W): col_i - col_j
+        squared = dr.square() + dc.square()
+        dist = squared.float().sqrt().round() if method == "euc" else squared  # quant: squared distance
+        ids = piecewise_index(dist, alpha, beta, gamma) + int(beta)
     L = height * width
     ids = ids.reshape(L, L)
     n = num_buckets("product" if method == "product" else "euc", beta)
@@ -100,29 +118,6 @@ def bucket_ids_2d(method: str, height: int, width: int, ratio: float, skip: int 
         full[skip:, skip:] = ids
         ids, n = full, n + 1
     return ids.contiguous(), n
-
-
-@torch.no_grad()
-def bucket_factors(method: str, height: int, width: int, ratio: float,
-                   device=None) -> Optional[Tuple[Tensor, Tensor, int]]:
-    """The row and column parts of a separable method's bucket ids (no skip tokens).
-
-    For ``product``, ``cross_rows`` and ``cross_cols``, returns ``(rows (H, H), cols (W, W), side)``
-    with ``ids[(yi, xi), (yj, xj)] = rows[yi, yj] * side + cols[xi, xj]``, the ids of
-    :func:`bucket_ids_2d`; the fused kernel uses it to handle a query's keys row by row. None for
-    ``euc`` and ``quant``, whose buckets depend on both offsets at once.
-    """
-    if method not in ("product", "cross_rows", "cross_cols"):
-        return None
-    alpha, beta, gamma = 1.0 * ratio, 2.0 * ratio, 8.0 * ratio
-    beta_int = int(beta)
-    rows = piecewise_index(_offsets(height, device), alpha, beta, gamma) + beta_int
-    cols = piecewise_index(_offsets(width, device), alpha, beta, gamma) + beta_int
-    if method == "cross_rows":
-        return rows, torch.zeros_like(cols), 1
-    if method == "cross_cols":
-        return torch.zeros_like(rows), cols, 0
-    return rows, cols, 2 * beta_int + 1
 
 
 class BucketCache:
