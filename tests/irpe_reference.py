@@ -58,12 +58,7 @@ def table_methods(method: str):
 
 def tables_of(module, which: str):
     """[(table_method, RPETable)] of rpe_q / rpe_k / rpe_v of an RPEMultiheadAttention."""
-    table = getattr(module, f"rpe_{which}")
-    if table is None:
-        return []
-    if hasattr(table, "rp_rows"):
-        return [("cross_rows", table.rp_rows), ("cross_cols", table.rp_cols)]
-    return [(table.method, table)]
+    return [(table.method, table) for on, table in module.rpe_tables() if on == which]
 
 
 def attention_ref(module, query, key_padding_mask, hw, dropout_mask=None):

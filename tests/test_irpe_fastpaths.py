@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from detr_irpe.irpe import RPEConfig, RPEMultiheadAttention
+from detr_irpe.irpe import METHODS, RPEConfig, RPEMultiheadAttention, native
+from detr_irpe.irpe.spec import MAX_RATIO
 from irpe_reference import attention_ref
 from test_irpe_attention import COMBOS, _LargestTensor, make_inputs, randomize_tables
 
@@ -182,3 +183,34 @@ def test_padding_is_exact_and_tiny_weights_do_not_matter(impl):
     ref, _ = attention_ref(attn, x, kpm, (3, 5))
     out32, _ = attn.float()(x.float(), x.float(), x.float(), key_padding_mask=kpm, hw=(3, 5))
     torch.testing.assert_close(out32.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# The largest ratio the spec allows (product: 401^2 = 160,801 buckets, beyond the compiled
+# kernel's int16 ids, so that `auto` must take the row-chunked kernel), and the largest the
+# kernel holds (product at 45.4: 181^2 = 32,761 buckets, the skip bucket 32,761).
+@pytest.mark.parametrize("ratio", [MAX_RATIO, 45.4])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("rpe_on", ["q", "k", "v", "qkv"])
+def test_largest_ratios_match_reference(ratio, method, rpe_on):
+    """Every method and rpe_on, contextual and bias, with and without a skip token: ``auto`` (and
+    ``native`` wherever it accepts the config) against the float64 reference, forward and backward."""
+    torch.manual_seed(0)
+    hw = (3, 4)
+    for mode, skip in itertools.product(["contextual", "bias"], [0, 1]):
+        if mode == "bias" and "v" in rpe_on:
+            continue
+        cfg = RPEConfig(ratio=ratio, method=method, mode=mode, shared_head=False, rpe_on=rpe_on, skip=skip)
+        x, kpm = make_inputs(hw, skip, channels=8)
+        if not native.represents(cfg):
+            with pytest.raises(ValueError, match="int16 bucket ids"):
+                blockwise(cfg, channels=8, heads=2, impl="native")(x, x, x, hw=hw)
+        for impl in ["auto", "native"] if native.represents(cfg) else ["auto"]:
+            attn = blockwise(cfg, channels=8, heads=2, impl=impl).eval()
+            x = x.detach().requires_grad_()
+            out, _ = attn(x, x, x, key_padding_mask=kpm, hw=hw)
+            ref_out, _ = attention_ref(attn, x, kpm, hw)
+            torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-9, msg=f"{cfg.spec} skip {skip} {impl}")
+            got = torch.autograd.grad(out.square().sum(), [x, *attn.parameters()])
+            want = torch.autograd.grad(ref_out.square().sum(), [x, *attn.parameters()])
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-9, msg=f"{cfg.spec} skip {skip} {impl}")

@@ -10,7 +10,9 @@ so a machine without a compiler fails here rather than skipping.
 import pytest
 import torch
 
-from detr_irpe.irpe import RPEMultiheadAttention, native
+from detr_irpe.irpe import RPEConfig, RPEMultiheadAttention, as_rpe_config, chunked, native, parse_rpe_spec
+from detr_irpe.irpe.attention import choose_impl
+from detr_irpe.irpe.spec import MAX_RATIO
 from irpe_reference import attention_ref
 from test_irpe_attention import randomize_tables
 
@@ -61,32 +63,77 @@ def test_float32_matches_float64_reference(spec, hw):
         torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-4)
 
 
-def test_auto_picks_native_on_cpu():
-    q = torch.zeros(1, 2, 4, 8)
-    attn = RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k")
-    assert attn._blockwise_impl(q, need_weights=False, attn_mask=None) == "native"
-    assert attn._blockwise_impl(q.double(), need_weights=False, attn_mask=None) == "native"
-    assert attn._blockwise_impl(q, need_weights=True, attn_mask=None) is None
-    assert attn._blockwise_impl(q, need_weights=False, attn_mask=torch.zeros(4, 4)) is None
-    assert attn._blockwise_impl(q.bfloat16(), need_weights=False, attn_mask=None) is None
-    for impl, want in [("chunked", "chunked"), ("sdpa", None), ("native", "native")]:
-        layer = RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k", rpe_impl=impl)
-        assert layer._blockwise_impl(q, need_weights=False, attn_mask=None) == want
-    with pytest.raises(ValueError, match="rpe_impl"):
-        RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k", rpe_impl="flash")
+# choose_impl's truth table, row by row (see its docstring): (rpe_impl, iRPE spec, device, dtype,
+# dropout, need_weights, attn_mask, kernel available) -> result or the exception raised.
+K, F32, F64 = "rpe-2.0-product-ctx-1-k", torch.float32, torch.float64
+BIG = "rpe-45.5-product-ctx-1-k"  # 183^2 = 33,489 buckets: more than int16 ids hold
+DISPATCH = [
+    ("auto", K, "cpu", F32, 0.0, True, False, True, "sdpa"),
+    ("native", K, "cpu", F32, 0.0, False, True, True, "sdpa"),
+    ("auto", K, "cpu", torch.bfloat16, 0.0, False, False, True, "sdpa"),
+    ("sdpa", K, "cpu", F32, 0.1, False, False, True, "sdpa"),
+    ("auto", None, "cpu", F32, 0.1, False, False, True, "native"),
+    ("native", None, "cpu", F64, 0.1, False, False, True, "native"),
+    ("auto", None, "cpu", F32, 0.0, False, False, True, "sdpa"),
+    ("auto", None, "cuda", F32, 0.1, False, False, True, "sdpa"),
+    ("native", None, "cpu", F32, 0.1, False, False, False, "sdpa"),
+    ("chunked", None, "cpu", F32, 0.1, False, False, True, "sdpa"),
+    ("chunked", K, "cpu", F32, 0.0, False, False, True, "chunked"),
+    ("chunked", K, "cuda", F32, 0.0, False, False, True, "chunked"),
+    ("auto", K, "cuda", F32, 0.1, False, False, True, "sdpa"),
+    ("native", K, "cuda", F32, 0.0, False, False, True, ValueError),
+    ("auto", K, "cpu", F32, 0.0, False, False, True, "native"),
+    ("native", K, "cpu", F64, 0.1, False, False, True, "native"),
+    ("native", BIG, "cpu", F32, 0.0, False, False, True, ValueError),
+    ("native", K, "cpu", F32, 0.0, False, False, False, RuntimeError),
+    ("auto", K, "cpu", F32, 0.0, False, False, False, "chunked"),
+    ("auto", BIG, "cpu", F32, 0.0, False, False, True, "chunked"),
+]
+
+
+@pytest.mark.parametrize("impl, spec, device, dtype, dropout, weights, mask, available, want", DISPATCH)
+def test_choose_impl_truth_table(impl, spec, device, dtype, dropout, weights, mask, available, want):
+    asked = []
+
+    def kernel_available():
+        asked.append(True)
+        return available
+
+    args = (impl, as_rpe_config(spec), device, dtype, dropout, True, weights, mask, kernel_available)
+    if isinstance(want, type):
+        with pytest.raises(want, match="rpe_impl='native'"):
+            choose_impl(*args)
+    else:
+        assert choose_impl(*args) == want
+    if device != "cpu":  # the CPU kernel is never built for another device
+        assert not asked
+
+
+def test_choose_impl_without_irpe_needs_self_attention():
+    assert choose_impl("auto", None, "cpu", F32, 0.1, False, False, False, lambda: True) == "sdpa"
+
+
+def test_representable_configurations_end_at_int16():
+    assert native.represents(parse_rpe_spec("rpe-45.4-product-ctx-1-k"))  # 181^2 = 32,761 buckets
+    assert not native.represents(parse_rpe_spec(BIG))
+    assert native.represents(parse_rpe_spec(f"rpe-{MAX_RATIO}-euc-ctx-1-k"))  # 401 buckets
+    assert native.represents(RPEConfig(ratio=45.4, method="product", skip=1))  # 32,762 with the skip bucket
+
+
+def spy_on_kernels(monkeypatch) -> list:
+    """Records ``(kernel, dropout)`` of every call of the native and chunked kernels."""
+    calls = []
+    for name, module in (("chunked", chunked), ("native", native)):
+        def run(plan, *args, _name=name, _run=module.run):
+            calls.append((_name, plan.dropout))
+            return _run(plan, *args)
+
+        monkeypatch.setattr(module, "run", run)
+    return calls
 
 
 def test_training_with_dropout_and_eval_both_use_native(monkeypatch):
-    from detr_irpe.irpe import attention as attention_module
-
-    calls = []
-
-    def spy(name, kernel):
-        return type(name, (), {"apply": staticmethod(lambda *args: calls.append((name, args[0].dropout))
-                                                     or kernel.apply(*args))})
-
-    monkeypatch.setattr(attention_module, "RowChunkedAttention", spy("chunked", attention_module.RowChunkedAttention))
-    monkeypatch.setattr(native, "FusedRPEAttention", spy("native", native.FusedRPEAttention))
+    calls = spy_on_kernels(monkeypatch)
     attn = RPEMultiheadAttention(16, 2, dropout=0.1, rpe="rpe-2.0-product-ctx-1-k")
     x = torch.randn(12, 1, 16)
     attn.train()(x, x, x, hw=(3, 4))
@@ -167,11 +214,11 @@ def test_fallback_when_the_kernel_cannot_be_built(monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"could not build the fused iRPE CPU kernel.*Ninja is required.*pip install ninja"):
         assert native.load() is None
     assert "Ninja is required" in native.unavailable_reason()
-    q = torch.zeros(1, 2, 4, 8)
+    calls = spy_on_kernels(monkeypatch)
     auto = RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k")
-    assert auto._blockwise_impl(q, need_weights=False, attn_mask=None) == "chunked"
     x = torch.randn(12, 1, 16)
-    out, _ = auto(x, x, x, hw=(3, 4))  # runs, on the chunked kernel
+    auto(x, x, x, hw=(3, 4))
+    assert calls == [("chunked", 0.0)]
     strict = RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k", rpe_impl="native")
     with pytest.raises(RuntimeError, match=r"rpe_impl='native'.*unavailable.*Ninja is required.*rpe_impl='auto'"):
         strict(x, x, x, hw=(3, 4))

@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import native
+from . import chunked, native
 from .buckets import BucketCache
-from .chunked import CHUNK_ELEMENTS, MIN_ROWS, Plan, RowChunkedAttention, Term
 from .spec import RPEConfig, as_rpe_config
-from .tables import build_table
+from .tables import RPETable, build_table
 
 RPE_IMPLS = ("auto", "native", "chunked", "sdpa")
 
@@ -46,11 +45,12 @@ class RPEMultiheadAttention(nn.Module):
       cannot be built.
     * ``"sdpa"``: the iRPE terms go to SDPA as a ``(B, H, L, L)`` float mask (the weights are
       formed explicitly for an encoding on values).
-    * ``"auto"`` (default): ``"native"`` on CPU if it could be built, else ``"chunked"``; ``"sdpa"``
-      on other devices.
+    * ``"auto"`` (default): ``"native"`` on CPU if it could be built and its int16 bucket ids hold
+      the tables (at most 2^15 buckets: the product method up to ratio 45.4), else ``"chunked"``;
+      ``"sdpa"`` on other devices.
 
-    ``need_weights=True`` or an ``attn_mask`` always takes the explicit / SDPA path. All paths
-    agree to rounding (tested against a naive float64 reference).
+    ``need_weights=True`` or an ``attn_mask`` always takes the explicit / SDPA path. The choice
+    is :func:`choose_impl`'s. All paths agree to rounding (tested against a naive float64 reference).
 
     Args:
         embed_dim: model width ``C``.
@@ -165,9 +165,12 @@ class RPEMultiheadAttention(nn.Module):
             if S != L:
                 raise ValueError(f"iRPE is defined for self-attention; got {L} queries and {S} keys")
             get_ids, grid = self._bucket_lookup(hw, L, query.device)
-        impl = self._blockwise_impl(q, need_weights, attn_mask, dropout=p, keys=S)
-        if impl is not None:
-            out = self._blockwise(q, k, v, key_padding_mask, get_ids, grid, p, fused=impl == "native")
+        impl = choose_impl(self.rpe_impl, self.rpe_config, q.device.type, q.dtype, p, self_attention=S == L,
+                           need_weights=need_weights, attn_mask=attn_mask is not None,
+                           kernel_available=lambda: native.load() is not None)
+        if impl != "sdpa":
+            kernel = native if impl == "native" else chunked
+            out = self._blockwise(kernel, q, k, v, key_padding_mask, get_ids, grid, p)
             return self.out_proj(out.permute(2, 0, 1, 3).reshape(L, B, C)), None
         if self.rpe_k is not None:
             bias = self.rpe_k.logits(q * scale, get_ids)
@@ -191,53 +194,19 @@ class RPEMultiheadAttention(nn.Module):
         out = out.permute(2, 0, 1, 3).reshape(L, B, C)
         return self.out_proj(out), weights
 
-    def _blockwise_impl(self, q: Tensor, need_weights: bool, attn_mask: Optional[Tensor], dropout: float = 0.0,
-                        keys: Optional[int] = None) -> Optional[str]:
-        """``"native"`` or ``"chunked"`` if this call takes a blockwise kernel, else None (SDPA / explicit).
-
-        Without iRPE only CPU self-attention with dropout does (``"native"``): SDPA has no flash
-        kernel with dropout there and would form the full weights.
-        """
-        impl = self.rpe_impl
-        if impl == "sdpa" or need_weights or attn_mask is not None or q.dtype not in (torch.float32, torch.float64):
-            return None
-        if self.rpe_config is None:
-            plain = dropout > 0 and keys in (None, q.shape[2]) and q.device.type == "cpu" and impl != "chunked"
-            return "native" if plain and native.load() is not None else None
-        if impl == "auto" and q.device.type != "cpu":
-            return None
-        if impl == "chunked":
-            return "chunked"
-        if q.device.type != "cpu":
-            raise ValueError(f"rpe_impl='native' is a CPU kernel; the inputs are on {q.device}")
-        if native.load() is not None:
-            return "native"
-        if impl == "native":
-            raise RuntimeError(f"rpe_impl='native': the fused iRPE CPU kernel is unavailable "
-                               f"({native.unavailable_reason()}); use rpe_impl='auto' to fall back")
-        return "chunked"
-
-    def _blockwise(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                   get_ids, grid: Optional[Tuple[int, int]], dropout: float, fused: bool) -> Tensor:
-        """The native (``fused``) or row-chunked kernel; q, k, v and the result are ``(B, H, L, D)``."""
-        B, H, L, _ = q.shape
-        cfg = self.rpe_config
-        terms: List[Term] = []
-        tables: List[Tensor] = []
+    def rpe_tables(self) -> Iterator[Tuple[str, RPETable]]:
+        """``(which, table)`` for every lookup table, ``which`` in ``q``, ``k``, ``v`` (two per
+        ``cross`` encoding: its row and column tables)."""
         for which in "qkv":
             module = getattr(self, f"rpe_{which}")
-            if module is None:
-                continue
-            for table in (module.rp_rows, module.rp_cols) if hasattr(module, "rp_rows") else (module,):
-                if fused:  # int16 ids, transposed for a term on queries: the kernel reads rows of b(j, i)
-                    layout = dict(transposed=which == "q", dtype=torch.int16)
-                    term = Term(which, table.mode, get_ids(table.method, **layout), len(tables), grid,
-                                factors=get_ids(table.method, factors=True, **layout))
-                else:
-                    along = {"cross_rows": -1, "cross_cols": -2}.get(table.method, 0) if cfg.skip == 0 else 0
-                    term = Term(which, table.mode, get_ids(table.method), len(tables), grid, along)
-                terms.append(term)
-                tables.append(table.lookup_table_bias if table.mode == "bias" else table.lookup_table_weight)
+            if module is not None:
+                for table in module.parts():
+                    yield which, table
+
+    def _blockwise(self, kernel, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                   get_ids, grid: Optional[Tuple[int, int]], dropout: float) -> Tensor:
+        """The :mod:`.native` or :mod:`.chunked` kernel; q, k, v and the result are ``(B, H, L, D)``."""
+        B, H, L, _ = q.shape
         pad = None
         if key_padding_mask is not None:
             if key_padding_mask.shape != (B, L):
@@ -245,17 +214,68 @@ class RPEMultiheadAttention(nn.Module):
             if key_padding_mask.any():
                 pad = key_padding_mask.view(B, 1, 1, L)
         seed = int(torch.randint(0, 2 ** 62, ())) if dropout > 0 else 0
-        if fused:
-            rows = self.chunk_rows or native.block_rows(L)
-        else:
-            rows = self.chunk_rows or max(MIN_ROWS, CHUNK_ELEMENTS // (B * H * L))
-        plan = Plan(tuple(terms), self.head_dim ** -0.5, pad, dropout, seed, min(rows, L))
-        kernel = native.FusedRPEAttention if fused else RowChunkedAttention
-        return kernel.apply(plan, q, k, v, *tables)
+        tables = list(self.rpe_tables())
+        skip = self.rpe_config.skip if self.rpe_config is not None else 0
+        plan = kernel.make_plan(tables, get_ids, grid, skip, q.shape, self.head_dim ** -0.5, pad, dropout, seed,
+                                self.chunk_rows)
+        return kernel.run(plan, q, k, v, [table.lookup_table for _, table in tables])
 
     def extra_repr(self) -> str:
         rpe = self.rpe_config.spec if self.rpe_config is not None else None
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, rpe={rpe}"
+
+
+def choose_impl(rpe_impl: str, config: Optional[RPEConfig], device_type: str, dtype: torch.dtype, dropout: float,
+                self_attention: bool, need_weights: bool, attn_mask: bool,
+                kernel_available: Callable[[], bool]) -> str:
+    """Which computation serves one attention call: ``"native"``, ``"chunked"`` or ``"sdpa"``.
+
+    ``"sdpa"`` is SDPA, or the explicit weights where they are needed (``need_weights``, iRPE on
+    values). ``kernel_available()`` says whether the compiled kernel could be built; it is
+    called (and the kernel built) only where the answer matters. Rows are tried in order:
+
+    ========================  ====  ==================================================  ==========
+    rpe_impl                  iRPE  condition                                           result
+    ========================  ====  ==================================================  ==========
+    any                       any   need_weights, attn_mask, or dtype not fp32 / fp64   sdpa
+    sdpa                      any                                                       sdpa
+    auto / native             no    CPU self-attention, dropout > 0, kernel available   native
+    any                       no    otherwise                                           sdpa
+    chunked                   yes                                                       chunked
+    auto                      yes   not on the CPU                                      sdpa
+    native                    yes   not on the CPU                                      ValueError
+    auto / native             yes   kernel available, tables of <= 2^15 buckets         native
+    native                    yes   tables of more than 2^15 buckets                    ValueError
+    native                    yes   kernel unavailable                                  RuntimeError
+    auto                      yes   otherwise (no kernel, or too many buckets)          chunked
+    ========================  ====  ==================================================  ==========
+
+    Without iRPE the kernel serves only CPU training with dropout, where SDPA has no flash kernel
+    and forms the full weights. Its bucket ids are int16, so larger tables (the product method
+    from ratio 45.5 on) take the row-chunked kernel.
+    """
+    if need_weights or attn_mask or dtype not in (torch.float32, torch.float64) or rpe_impl == "sdpa":
+        return "sdpa"
+    if config is None:
+        plain = dropout > 0 and self_attention and device_type == "cpu" and rpe_impl != "chunked"
+        return "native" if plain and kernel_available() else "sdpa"
+    if rpe_impl == "chunked":
+        return "chunked"
+    if device_type != "cpu":
+        if rpe_impl == "native":
+            raise ValueError(f"rpe_impl='native' is a CPU kernel; the inputs are on {device_type}")
+        return "sdpa"
+    fits = native.represents(config)
+    if fits and kernel_available():
+        return "native"
+    if rpe_impl == "native":
+        if not fits:
+            raise ValueError(f"rpe_impl='native': {config.spec} has {config.num_buckets} buckets per table, more "
+                             f"than the compiled kernel's {native.MAX_BUCKETS} (int16 bucket ids); use "
+                             f"rpe_impl='auto' or 'chunked'")
+        raise RuntimeError(f"rpe_impl='native': the fused iRPE CPU kernel is unavailable "
+                           f"({native.unavailable_reason()}); use rpe_impl='auto' to fall back")
+    return "chunked"
 
 
 def _merge_masks(bias: Optional[Tensor], attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],

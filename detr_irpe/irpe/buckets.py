@@ -120,6 +120,12 @@ def bucket_ids_2d(method: str, height: int, width: int, ratio: float, skip: int 
     return ids.contiguous(), n
 
 
+def _check_fits(ids: Tensor, dtype: torch.dtype) -> None:
+    """Refuse to narrow ``ids`` to an integer type that cannot hold them (they would wrap)."""
+    if dtype != torch.long and ids.numel() and int(ids.max()) > torch.iinfo(dtype).max:
+        raise ValueError(f"bucket ids up to {int(ids.max())} do not fit {dtype}")
+
+
 class BucketCache:
     """A small LRU cache of bucket ids keyed by (method, ratio, H, W, skip, device).
 
@@ -151,6 +157,7 @@ class BucketCache:
         ids = layouts.get((transposed, dtype))
         if ids is None:
             base = layouts[(False, torch.long)]
+            _check_fits(base, dtype)
             ids = layouts[(transposed, dtype)] = (base.t() if transposed else base).to(dtype).contiguous()
         return ids
 
@@ -164,6 +171,8 @@ class BucketCache:
             factors = bucket_factors(method, height, width, ratio, device) if skip == 0 else None
             if factors is not None:
                 rows, cols, side = factors
+                _check_fits(rows, dtype)
+                _check_fits(cols, dtype)
                 if transposed:
                     rows, cols = rows.t(), cols.t()
                 factors = (rows.to(dtype).contiguous(), cols.to(dtype).contiguous(), side)

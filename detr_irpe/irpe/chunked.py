@@ -51,6 +51,24 @@ class Plan(NamedTuple):
     rows: int  # query rows per block
 
 
+def make_plan(tables, get_ids, grid: Tuple[int, int], skip: int, shape: Tuple[int, ...], scale: float,
+              pad: Optional[Tensor], dropout: float, seed: int, rows: Optional[int] = None) -> Plan:
+    """The plan of one call: a :class:`Term` per ``(which, RPETable)`` of ``tables``, bucket ids from
+    ``get_ids(method)``, and ``rows`` query rows per block (None: chosen from ``shape`` ``(B, H, L, D)``)."""
+    B, H, L, _ = shape
+    terms = []
+    for position, (which, table) in enumerate(tables):
+        along = {"cross_rows": -1, "cross_cols": -2}.get(table.method, 0) if skip == 0 else 0
+        terms.append(Term(which, table.mode, get_ids(table.method), position, grid, along))
+    rows = rows or max(MIN_ROWS, CHUNK_ELEMENTS // (B * H * L))
+    return Plan(tuple(terms), scale, pad, dropout, seed, min(rows, L))
+
+
+def run(plan: Plan, q: Tensor, k: Tensor, v: Tensor, tables) -> Tensor:
+    """:class:`RowChunkedAttention` of ``(B, H, L, D)`` q, k, v with the plan's ``tables``."""
+    return RowChunkedAttention.apply(plan, q, k, v, *tables)
+
+
 def sum_heads(grad: Tensor, table_heads: int) -> Tensor:
     """``(H, ...)`` per-head gradient, summed over heads for a table shared by all heads."""
     return grad.sum(0, keepdim=True) if table_heads == 1 else grad

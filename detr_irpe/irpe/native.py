@@ -20,7 +20,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .chunked import Plan, sum_heads
+from .chunked import Plan, Term, sum_heads
+from .spec import RPEConfig
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ ENV_SWITCH = "DETR_IRPE_NATIVE"
 
 # Term kinds, as csrc/rpe_attention_cpu.cpp numbers them.
 BIAS, ROW_CONTEXT, COLUMN_CONTEXT, VALUE = 0, 1, 2, 3
+
+# Bucket ids are int16 in the kernel (half the bytes read per logit): ids 0 .. 2^15 - 1.
+MAX_BUCKETS = 1 << 15
 
 # Query rows per block: about 2**16 logits (256 KiB in float32, so that a block, its gradient
 # and the keys stay in a core's L2 cache), between 16 and 128 rows.
@@ -163,3 +167,29 @@ class FusedRPEAttention(torch.autograd.Function):
 def block_rows(length: int) -> int:
     """Query rows per block of the fused kernel for ``length`` keys."""
     return max(16, min(128, BLOCK_ELEMENTS // max(length, 1)))
+
+
+def represents(config: RPEConfig) -> bool:
+    """Whether the kernel's int16 bucket ids hold every bucket of ``config``'s tables."""
+    return config.num_buckets <= MAX_BUCKETS
+
+
+def make_plan(tables, get_ids, grid: Tuple[int, int], skip: int, shape: Tuple[int, ...], scale: float,
+              pad: Optional[Tensor], dropout: float, seed: int, rows: Optional[int] = None) -> Plan:
+    """As :func:`.chunked.make_plan`, with the ids as the kernel reads them: int16, transposed for
+    a term on queries (it reads rows of ``b(j, i)``), and their separable factors."""
+    terms = []
+    for position, (which, table) in enumerate(tables):
+        if table.num_buckets > MAX_BUCKETS:
+            raise ValueError(f"the compiled iRPE kernel holds at most {MAX_BUCKETS} buckets per table, got "
+                             f"{table.num_buckets}")
+        layout = dict(transposed=which == "q", dtype=torch.int16)
+        terms.append(Term(which, table.mode, get_ids(table.method, **layout), position, grid,
+                          factors=get_ids(table.method, factors=True, **layout)))
+    L = shape[2]
+    return Plan(tuple(terms), scale, pad, dropout, seed, min(rows or block_rows(L), L))
+
+
+def run(plan: Plan, q: Tensor, k: Tensor, v: Tensor, tables) -> Tensor:
+    """:class:`FusedRPEAttention` of ``(B, H, L, D)`` q, k, v with the plan's ``tables``."""
+    return FusedRPEAttention.apply(plan, q, k, v, *tables)

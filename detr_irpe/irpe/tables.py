@@ -11,7 +11,7 @@ Parameter names and shapes follow the iRPE release so its checkpoints load with 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +48,15 @@ class RPETable(nn.Module):
             self.lookup_table_bias = nn.Parameter(torch.zeros(num_heads, num_buckets))
         else:
             self.lookup_table_weight = nn.Parameter(torch.zeros(num_heads, head_dim, num_buckets))
+
+    def parts(self) -> Tuple["RPETable", ...]:
+        """The tables whose terms are summed: this one (``CrossRPETable`` has two)."""
+        return (self,)
+
+    @property
+    def lookup_table(self) -> Tensor:
+        """The learned parameter: ``lookup_table_bias`` in bias mode, else ``lookup_table_weight``."""
+        return self.lookup_table_bias if self.mode == "bias" else self.lookup_table_weight
 
     def logits(self, x: Tensor, get_ids: BucketLookup) -> Tensor:
         """Additive attention logits of an encoding on keys (or, transposed by the caller, queries).
@@ -96,6 +105,10 @@ class CrossRPETable(nn.Module):
         super().__init__()
         self.rp_rows = RPETable("cross_rows", mode, num_buckets, head_dim, num_heads, on_values)
         self.rp_cols = RPETable("cross_cols", mode, num_buckets, head_dim, num_heads, on_values)
+
+    def parts(self) -> Tuple[RPETable, RPETable]:
+        """The row table and the column table."""
+        return self.rp_rows, self.rp_cols
 
     def logits(self, x: Tensor, get_ids: BucketLookup) -> Tensor:
         return self.rp_rows.logits(x, get_ids) + self.rp_cols.logits(x, get_ids)

@@ -79,18 +79,6 @@ def rpe_attention_modules(model: nn.Module) -> List[Tuple[int, RPEMultiheadAtten
     return found
 
 
-def _tables(module: RPEMultiheadAttention):
-    for which in "qkv":
-        table = getattr(module, f"rpe_{which}")
-        if table is None:
-            continue
-        if hasattr(table, "rp_rows"):
-            yield which, table.rp_rows
-            yield which, table.rp_cols
-        else:
-            yield which, table
-
-
 def table_views(model: nn.Module, layers: Optional[Sequence[int]] = None,
                 tokens: Optional[Dict[int, Dict[str, Tensor]]] = None) -> List[TableView]:
     """The tables of the chosen encoder ``layers`` (all with iRPE by default), ready to draw.
@@ -113,7 +101,7 @@ def table_views(model: nn.Module, layers: Optional[Sequence[int]] = None,
     for layer, module in modules:
         cfg = module.rpe_config
         n = num_buckets(cfg.method, cfg.beta)  # without the skip-token bucket
-        for which, table in _tables(module):
+        for which, table in module.rpe_tables():
             with torch.no_grad():
                 if table.mode == "bias":
                     values, quantity = table.lookup_table_bias.float(), "bias"

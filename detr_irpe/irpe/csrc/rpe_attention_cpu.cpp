@@ -1,6 +1,6 @@
 // Fused iRPE attention for the CPU: softmax(scale q k^T + iRPE logits + padding) v (+ iRPE on
 // values), by blocks of query rows, each block handled in one pass while it sits in cache (the
-// pure-PyTorch row-chunked kernel in attention.py makes a dozen passes, one per tensor op).
+// pure-PyTorch row-chunked kernel, detr_irpe/irpe/chunked.py, makes a dozen passes, one per tensor op).
 //
 // The iRPE terms (see Kind below) come as lookup tables plus (L, L) int16 bucket ids; a term's
 // per-pair values are read straight from its table (bias), from the block's queries projected
@@ -217,9 +217,11 @@ void dropout_multipliers(T* m, int64_t L, const Dropout& drop, int64_t r) {
   for (; j < L; ++j) m[j] = mix32<uint32_t>(key + uint32_t(j) * 0x9E3779B9u) >= threshold ? kept : T(0);
 }
 
-// Bucket ids: int16 halves the bytes read per logit (the ids of a head are read once per head);
-// native.py sends tables of more than 32767 buckets to the row-chunked kernel instead.
+// Bucket ids: int16 halves the bytes read per logit (the ids of a head are read once per head).
+// Tables of more than kMaxBuckets buckets are refused (make_terms); the attention sends them to
+// the row-chunked kernel instead (choose_impl in detr_irpe/irpe/attention.py).
 using bucket_t = int16_t;
+constexpr int64_t kMaxBuckets = int64_t(1) << 15;
 
 // The kinds of iRPE term, as native.py hands them over (tables of H' = 1 or H heads):
 enum Kind : int64_t {
@@ -268,6 +270,8 @@ std::vector<Term<T>> make_terms(const std::vector<TermSpec>& specs, int64_t H, i
     const int64_t heads = table.size(0);
     TORCH_CHECK(heads == 1 || heads == H, "iRPE table must have 1 or H heads");
     term.nb = term.kind == kValue ? table.size(1) : table.size(-1);
+    TORCH_CHECK(term.nb <= kMaxBuckets, "iRPE table of ", term.nb, " buckets: the kernel's int16 bucket ids hold at most ",
+                kMaxBuckets);
     TORCH_CHECK(term.kind == kBias ? table.dim() == 2
                                    : table.dim() == 3 && table.size(term.kind == kValue ? 2 : 1) == D,
                 "iRPE table has the wrong shape");
