@@ -25,8 +25,11 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .errors import DetrIrpeError
+from .irpe import parse_rpe_spec
 
-class ConfigError(ValueError):
+
+class ConfigError(DetrIrpeError, ValueError):
     """A config file or override is malformed: names the key, the value and what is valid."""
 
 
@@ -280,8 +283,6 @@ def validate(cfg: Config) -> Config:
          f"model.position_embedding must be 'sine' or 'learned', got {m.position_embedding!r}")
     need(0.0 < m.eos_coef <= 1.0, f"model.eos_coef must be in (0, 1], got {m.eos_coef}")
     if m.rpe:
-        from .irpe import parse_rpe_spec  # raises ValueError with the valid format
-
         try:
             parse_rpe_spec(m.rpe)
         except ValueError as e:

@@ -27,6 +27,9 @@ from typing import Dict, List, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import UsageError
+from .errors import DataRootInUseError
+
 SHAPES = ("square", "circle", "triangle", "cross", "star")
 GENERATOR_VERSION = 1  # bump when the drawing changes, so cached copies are regenerated
 MANIFEST = "manifest.json"
@@ -225,13 +228,13 @@ def ensure_synthetic_dataset(root: Union[str, Path], num_train: int = 2000, num_
     """
     shapes = tuple(shapes)
     if not shapes or any(s not in SHAPES for s in shapes) or len(set(shapes)) != len(shapes):
-        raise ValueError(f"shapes must be distinct names from {SHAPES}, got {shapes}")
+        raise UsageError(f"shapes must be distinct names from {SHAPES}, got {shapes}")
     if num_train < 1 or num_val < 1:
-        raise ValueError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
+        raise UsageError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
     if image_size < 16:
-        raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
+        raise UsageError(f"image_size must be >= 16 pixels, got {image_size}")
     if max_objects < 1:
-        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+        raise UsageError(f"max_objects must be >= 1, got {max_objects}")
     spec = SyntheticSpec(num_train, num_val, image_size, seed, max_objects, shapes)
     root = Path(root)
     layout = SyntheticLayout(root=str(root), num_classes=len(shapes) + 1)
@@ -263,7 +266,7 @@ def _locked(path: Path):
 def _generate(root: Path, spec: SyntheticSpec, layout: SyntheticLayout) -> SyntheticLayout:
     """Write the dataset of ``spec`` under ``root`` (called with the lock held)."""
     if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
-        raise FileExistsError(f"{root} already holds files that are not a synthetic dataset (no {MANIFEST}); "
+        raise DataRootInUseError(f"{root} already holds files that are not a synthetic dataset (no {MANIFEST}); "
                               f"choose an empty or new folder for the synthetic data.")
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST).write_text(_manifest(spec, complete=False))

@@ -6,15 +6,14 @@ along (per-box ones are filtered together with the boxes when a crop removes som
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-if TYPE_CHECKING:
-    from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,7 +74,7 @@ def make_train_transforms(cfg: "DataConfig") -> v2.Compose:
     steps: List[Any] = [v2.RandomHorizontalFlip()] if cfg.hflip else []
     if cfg.crop_resize:
         if not 0 < cfg.crop_min <= cfg.crop_max:
-            raise ValueError(f"data.crop_min ({cfg.crop_min}) and data.crop_max ({cfg.crop_max}) must satisfy "
+            raise ConfigError(f"data.crop_min ({cfg.crop_min}) and data.crop_max ({cfg.crop_max}) must satisfy "
                              f"0 < crop_min <= crop_max")
         crop = v2.Compose([
             v2.RandomShortestSize(list(cfg.crop_resize)),

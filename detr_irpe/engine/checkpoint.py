@@ -20,13 +20,11 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
+from ..errors import CheckpointError, CheckpointNotFoundError
+
 # Heads whose shape depends on the dataset or the number of queries; fine-tuning may re-initialise them.
 FINETUNE_HEADS = ("class_embed", "query_embed")
 _LISTED = 20  # keys listed per category in error messages
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read, or does not fit the model; the message says why and what to do."""
 
 
 @dataclass
@@ -69,7 +67,7 @@ def load_checkpoint_file(path_or_url: Union[str, os.PathLike], map_location="cpu
     """Read a checkpoint file (or download it first when given an http(s) URL).
 
     Raises:
-        FileNotFoundError: no such file.
+        CheckpointNotFoundError: (a ``FileNotFoundError``) no such file.
         CheckpointError: the download failed, the file is corrupt or truncated, or it needs
             code to unpickle (a class other than ``argparse.Namespace``), which
             ``weights_only=True`` refuses.
@@ -77,7 +75,7 @@ def load_checkpoint_file(path_or_url: Union[str, os.PathLike], map_location="cpu
     path = _download(str(path_or_url)) if _is_url(path_or_url) else Path(path_or_url).expanduser()
     if not path.is_file():
         hint = " (it is a directory)" if path.is_dir() else ""
-        raise FileNotFoundError(f"checkpoint file not found: {path}{hint}. Pass the path of a .pth file "
+        raise CheckpointNotFoundError(f"checkpoint file not found: {path}{hint}. Pass the path of a .pth file "
                                 f"or an http(s) URL to download")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -7,6 +7,8 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -33,7 +35,7 @@ def init_distributed(device: str = "auto") -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={device!r} but no CUDA device is visible; use device=cpu or auto")
+        raise ConfigError(f"train.device={device!r} but no CUDA device is visible; use device=cpu or auto")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not is_distributed():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))

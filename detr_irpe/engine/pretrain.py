@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data import build_dataloader, build_dataset, set_epoch
+from ..errors import UsageError
 from ..models.backbone import TinyBackbone, build_backbone
 from . import distributed as du
 from .state import atomic_save
@@ -71,9 +72,9 @@ def pretrain_backbone(cfg: Config, out_path: str, seconds: Optional[float] = Non
     training split for ``seconds`` of wall time or ``iterations`` steps (whichever ends first),
     then save its state dict to ``out_path``."""
     if seconds is None and iterations is None:
-        raise ValueError("pretrain_backbone needs a budget: seconds or iterations")
+        raise UsageError("pretrain_backbone needs a budget: seconds or iterations")
     if cfg.model.backbone != "tiny":
-        raise ValueError(f"backbone pretraining is for the tiny backbone (no ImageNet weights); "
+        raise ConfigError(f"backbone pretraining is for the tiny backbone (no ImageNet weights); "
                          f"{cfg.model.backbone!r} starts from backbone_weights=imagenet instead")
     device = du.init_distributed(cfg.train.device)
     torch.manual_seed(cfg.train.seed)

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..config import Config, save_config
 from ..data import build_dataloader, build_train_val_datasets, set_epoch
+from ..errors import CheckpointError, DetrIrpeError
 from ..models import build_detr
 from . import distributed as du
 from .checkpoint import load_checkpoint_file, load_for_finetuning, state_dict_from_checkpoint
@@ -22,7 +23,7 @@ from .logger import JsonlWriter, MetricLogger
 from .state import CheckpointKeeper, capture_rng, restore_rng
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(DetrIrpeError, FloatingPointError):
     """The loss became NaN or infinite; names the iteration and the offending terms."""
 
 
@@ -196,7 +197,7 @@ class Trainer:
         ckpt = load_checkpoint_file(path)
         for key in ("model", "optimizer", "lr_scheduler", "epoch"):
             if key not in ckpt:
-                raise ValueError(f"{path} is not a training checkpoint of this project (no '{key}'); "
+                raise CheckpointError(f"{path} is not a training checkpoint of this project (no '{key}'); "
                                  f"to start from its weights use train.pretrained={path}")
         from .checkpoint import load_model_weights
 

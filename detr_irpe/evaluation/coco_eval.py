@@ -14,6 +14,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
+from ..errors import UsageError
+
 # The 12 numbers of COCOeval.summarize() for boxes, in its order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -25,7 +27,7 @@ def to_coco_results(image_id: int, prediction: Mapping) -> List[dict]:
     scores = torch.as_tensor(prediction["scores"]).detach().cpu().reshape(-1).tolist()
     labels = torch.as_tensor(prediction["labels"]).detach().cpu().reshape(-1).tolist()
     if not len(boxes) == len(scores) == len(labels):
-        raise ValueError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores and {len(labels)} labels; "
+        raise UsageError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores and {len(labels)} labels; "
                          f"each detection needs one of each")
     return [{"image_id": image_id, "category_id": int(label), "bbox": box, "score": float(score)}
             for box, score, label in zip(boxes, scores, labels)]
@@ -90,7 +92,7 @@ class CocoEvaluator:
         for image_id, prediction in predictions.items():
             image_id = int(image_id)
             if image_id not in self.coco_gt.imgs:
-                raise ValueError(f"image id {image_id} is not in the ground-truth annotations; predictions must "
+                raise UsageError(f"image id {image_id} is not in the ground-truth annotations; predictions must "
                                  f"be keyed by the dataset's image ids (target['image_id'])")
             self.detections[image_id] = to_coco_results(image_id, prediction)
 

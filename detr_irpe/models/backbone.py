@@ -17,6 +17,9 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from ..config import ConfigError
+from ..errors import CheckpointError, CheckpointNotFoundError
+
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 BACKBONES = RESNETS + ("tiny",)
 # ResNet stages that are trained when the backbone is trained (DETR freezes the stem and layer1).
@@ -47,9 +50,9 @@ class ResNetBackbone(nn.Module):
                  dilation: bool = False):
         super().__init__()
         if name not in RESNETS:
-            raise ValueError(f"unknown ResNet {name!r}; choose one of {', '.join(RESNETS)}")
+            raise ConfigError(f"unknown ResNet {name!r}; choose one of {', '.join(RESNETS)}")
         if dilation and name in ("resnet18", "resnet34"):
-            raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50 or resnet101); "
+            raise ConfigError(f"dilation (DC5) needs a bottleneck ResNet (resnet50 or resnet101); "
                              f"torchvision's {name} does not support it")
         resnet = torchvision.models.get_model(name, weights=None, norm_layer=FrozenBatchNorm2d,
                                               replace_stride_with_dilation=[False, False, dilation])
@@ -82,7 +85,7 @@ def _load_resnet_weights(resnet: nn.Module, name: str, weights: str) -> None:
     try:
         resnet.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise RuntimeError(f"backbone_weights={weights!r} is not a torchvision {name} state dict: {e}") from None
+        raise CheckpointError(f"backbone_weights={weights!r} is not a torchvision {name} state dict: {e}") from None
 
 
 def _resnet_state_dict(name: str, weights: str) -> dict:
@@ -92,7 +95,7 @@ def _resnet_state_dict(name: str, weights: str) -> dict:
         try:
             return enum.get_state_dict(progress=True, check_hash=True, weights_only=True)
         except OSError as e:  # URLError and socket errors are OSErrors
-            raise RuntimeError(
+            raise CheckpointError(
                 f"could not download the ImageNet weights of {name} from {enum.url} ({e}). "
                 f"Without network access, either pass backbone_weights=none (random init) or download "
                 f"that file elsewhere and pass its local path as backbone_weights=/path/to/{Path(enum.url).name}"
@@ -104,16 +107,16 @@ def _resnet_state_dict(name: str, weights: str) -> dict:
 def _read_state_file(weights: str, hint: str) -> dict:
     """The state dict saved at path ``weights`` (unwrapped from ``{"state_dict": ...}``).
 
-    A missing file raises ``FileNotFoundError`` and an unreadable one ``RuntimeError``; both
+    A missing file raises ``CheckpointNotFoundError`` and an unreadable one ``CheckpointError``; both
     messages read ``backbone_weights=<weights> <hint>``.
     """
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"backbone_weights={weights!r} {hint}")
+        raise CheckpointNotFoundError(f"backbone_weights={weights!r} {hint}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"backbone_weights={weights!r} could not be read as a PyTorch file ({e}); "
+        raise CheckpointError(f"backbone_weights={weights!r} could not be read as a PyTorch file ({e}); "
                            f"{hint}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -163,14 +166,14 @@ class TinyBackbone(nn.Module):
 
 def _load_tiny_weights(backbone: TinyBackbone, weights: str) -> None:
     if str(weights).lower() == "imagenet":
-        raise ValueError("the tiny backbone has no ImageNet weights; set backbone_weights=none (random init) or "
+        raise ConfigError("the tiny backbone has no ImageNet weights; set backbone_weights=none (random init) or "
                          "to a file written by tools/pretrain_backbone.py")
     state = _read_state_file(weights, "is neither 'none' nor a readable file; for the tiny backbone pass a "
                                       "file written by tools/pretrain_backbone.py")
     try:
         backbone.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise RuntimeError(f"backbone_weights={weights!r} is not a state dict of the tiny backbone "
+        raise CheckpointError(f"backbone_weights={weights!r} is not a state dict of the tiny backbone "
                            f"({type(e).__name__}: {str(e)[:500]}); write it with tools/pretrain_backbone.py") from None
 
 
@@ -198,8 +201,8 @@ def build_backbone(name: str, weights: str = "none", train_backbone: bool = True
     """A backbone by name (``resnet18/34/50/101`` or ``tiny``); see the classes for the arguments."""
     if name == "tiny":
         if dilation:
-            raise ValueError("dilation (DC5) applies to ResNet backbones only, not to 'tiny'")
+            raise ConfigError("dilation (DC5) applies to ResNet backbones only, not to 'tiny'")
         return TinyBackbone(weights, train_backbone=train_backbone)
     if name in RESNETS:
         return ResNetBackbone(name, weights, train_backbone, dilation)
-    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

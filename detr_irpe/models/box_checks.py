@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
+from ..errors import DetrIrpeError
+
 _HINTS = {
     "prediction": "Predicted boxes come from a sigmoid, so a non-finite value means the model diverged "
                   "(lower the learning rate, check AMP / gradient clipping).",
@@ -19,7 +21,7 @@ _HINTS = {
 }
 
 
-class DegenerateBoxError(ValueError):
+class DegenerateBoxError(DetrIrpeError, ValueError):
     """A prediction or target box is degenerate (x2 < x1, y2 < y1, or a NaN / inf value).
 
     Attributes:

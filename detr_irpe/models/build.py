@@ -5,7 +5,7 @@ import dataclasses
 import difflib
 from typing import Tuple, Union
 
-from ..config import Config, ModelConfig, validate
+from ..config import Config, ConfigError, ModelConfig, validate
 from .backbone import Joiner, build_backbone
 from .criterion import SetCriterion, detr_weight_dict
 from .detr import DETR
@@ -38,7 +38,7 @@ def resolve_model_config(config: Union[None, ModelConfig, Config] = None, **over
     if isinstance(config.rpe, str) and config.rpe.strip().lower() in ("", "none"):
         config.rpe = None
     if config.num_classes is None:
-        raise ValueError("model.num_classes is None: set it to the number of classes (COCO: 91, the largest "
+        raise ConfigError("model.num_classes is None: set it to the number of classes (COCO: 91, the largest "
                          "category id + 1); the training script fills it in from the annotation file")
     validate(Config(model=config))
     return config

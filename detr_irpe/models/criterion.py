@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
+from ..config import ConfigError
+
 from .box_checks import cxcywh_to_xyxy
 from .matcher import HungarianMatcher
 
@@ -138,7 +140,7 @@ class SetCriterion(nn.Module):
         for i, t in enumerate(targets):
             labels = t["labels"]
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"target labels of image {i} in the batch are {labels.tolist()}, but they must lie "
+                raise ConfigError(f"target labels of image {i} in the batch are {labels.tolist()}, but they must lie "
                                  f"in [0, num_classes) = [0, {self.num_classes}); set model.num_classes to the "
                                  f"largest category id + 1")
 

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..errors import UsageError
+
 
 class PositionEmbeddingSine(nn.Module):
     """DETR's sinusoidal encoding of (row, column), computed on the unpadded part of each image.
@@ -79,7 +81,7 @@ class PositionEmbeddingLearned(nn.Module):
         b, h, w = mask.shape
         max_size = self.row_embed.num_embeddings
         if h > max_size or w > max_size:
-            raise ValueError(f"the learned position embedding covers at most {max_size} x {max_size} feature "
+            raise UsageError(f"the learned position embedding covers at most {max_size} x {max_size} feature "
                              f"cells, got {h} x {w}; use smaller images or position_embedding=sine")
         cols = self.col_embed(torch.arange(w, device=mask.device))  # (w, F)
         rows = self.row_embed(torch.arange(h, device=mask.device))  # (h, F)

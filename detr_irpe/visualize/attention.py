@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from ..errors import UsageError
+
 from .boxes import TITLE_HEIGHT, draw_detections, titled_row
 from .forward import ForwardResult
 
@@ -30,7 +32,7 @@ def pixel_to_cell(xy: Sequence[float], image_hw: Size, input_hw: Size, padded_hw
     x, y = float(xy[0]), float(xy[1])
     H, W = image_hw
     if not (0 <= x < W and 0 <= y < H):
-        raise ValueError(f"pixel (x={xy[0]}, y={xy[1]}) is outside the image, which is {W}x{H} "
+        raise UsageError(f"pixel (x={xy[0]}, y={xy[1]}) is outside the image, which is {W}x{H} "
                          f"(x in [0, {W}), y in [0, {H}))")
     (h, w), (hp, wp), (fh, fw) = input_hw, padded_hw, feature_hw
     y_in, x_in = (y + 0.5) * h / H, (x + 0.5) * w / W  # pixel centre in the resized image
@@ -98,7 +100,7 @@ def _layer(maps: List[Tensor], layer: int, what: str) -> Tuple[int, Tensor]:
     if not maps:
         raise ValueError(f"the model returned no {what} attention maps")
     if not -len(maps) <= layer < len(maps):
-        raise ValueError(f"{what} layer {layer} does not exist: the model has {len(maps)} {what} layers "
+        raise UsageError(f"{what} layer {layer} does not exist: the model has {len(maps)} {what} layers "
                          f"(0..{len(maps) - 1}, or negative from the end)")
     return layer % len(maps), maps[layer]
 

@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..errors import UsageError
+
 # (panel title, y label, metric names without the train_ / val_ prefix)
 PANELS: Tuple[Tuple[str, str, Tuple[str, ...]], ...] = (
     ("total loss", "loss", ("loss",)),
@@ -73,7 +75,7 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping]], out, title: Opti
         if lines:
             panels.append((panel_title, ylabel, metrics, lines))
     if not panels:
-        raise ValueError(f"no losses, class error or AP found in the logs of {', '.join(runs)}: expected "
+        raise UsageError(f"no losses, class error or AP found in the logs of {', '.join(runs)}: expected "
                          f"log.jsonl records with keys like train_loss, train_class_error, val_AP")
 
     colors = {name: f"C{i % 10}" for i, name in enumerate(runs)}

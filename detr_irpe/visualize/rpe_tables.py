@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UsageError
+
 from ..irpe import RPEMultiheadAttention, num_buckets
 
 
-class NoRPEError(ValueError):
+class NoRPEError(UsageError):
     """The model has no iRPE lookup tables, so there is nothing to plot."""
 
 
@@ -95,7 +97,7 @@ def table_views(model: nn.Module, layers: Optional[Sequence[int]] = None,
         layers = [l + total if l < 0 else l for l in layers]  # negative: from the end
         unknown = [l for l in layers if l not in available]
         if unknown:
-            raise ValueError(f"encoder layer(s) {unknown} have no iRPE tables; layers with iRPE: {available}")
+            raise UsageError(f"encoder layer(s) {unknown} have no iRPE tables; layers with iRPE: {available}")
         modules = [(i, m) for i, m in modules if i in layers]
     views = []
     for layer, module in modules:
