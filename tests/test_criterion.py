@@ -105,6 +105,19 @@ def test_losses_are_float32_under_autocast():
         assert value.item() == pytest.approx(reference[key].item(), rel=1e-6)
 
 
+def test_a_float64_model_keeps_float64_losses():
+    """Only lower precisions are raised to float32: a float64 loss equals the float64 computation,
+    which a float32 one would miss by far more than 1e-12."""
+    outputs, targets = one_image_example()
+    double = {k: v.double() for k, v in outputs.items()}
+    nudged = {k: v.clone() for k, v in double.items()}
+    nudged["pred_boxes"][0, 0, 0] += 1e-12  # moves loss_bbox by 1e-12: invisible in float32
+    losses, moved = make_criterion()(double, targets), make_criterion()(nudged, targets)
+    for key in ("loss_ce", "loss_bbox", "loss_giou"):
+        assert losses[key].dtype == torch.float64, key
+    assert moved["loss_bbox"] - losses["loss_bbox"] == pytest.approx(-1e-12, rel=1e-3)
+
+
 def test_gradients_reach_every_trainable_parameter():
     torch.manual_seed(0)
     model, criterion, _ = build_detr(backbone="resnet18", backbone_weights="none", hidden_dim=32, nheads=4,

@@ -21,6 +21,12 @@ _HINTS = {
 }
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is a lower-precision float (autocast outputs), else unchanged: a
+    float64 model keeps float64 losses and costs."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class DegenerateBoxError(DetrIrpeError, ValueError):
     """A prediction or target box is degenerate (x2 < x1, y2 < y1, or a NaN / inf value).
 

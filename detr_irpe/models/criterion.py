@@ -11,7 +11,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from ..config import ConfigError
 
-from .box_checks import cxcywh_to_xyxy
+from .box_checks import at_least_float32, cxcywh_to_xyxy
 from .matcher import HungarianMatcher
 
 Targets = List[Dict[str, Tensor]]
@@ -44,7 +44,7 @@ class SetCriterion(nn.Module):
     * ``class_error`` (final layer only, logged): 100 - top-1 accuracy (%) on matched queries.
 
     Auxiliary layer ``i`` gets the same keys with suffix ``_i``. Everything is computed in
-    float32, also under autocast.
+    at least float32, also under autocast (a float64 model gets float64 losses).
 
     Args:
         num_classes: K, without "no object".
@@ -80,7 +80,7 @@ class SetCriterion(nn.Module):
         with torch.autocast(device.type, enabled=False):
             num_boxes = self._num_boxes(targets, device)
             losses, indices = self._layer_losses(outputs, targets, num_boxes)
-            losses["class_error"] = self.class_error(outputs["pred_logits"].float(), targets, indices)
+            losses["class_error"] = self.class_error(at_least_float32(outputs["pred_logits"]), targets, indices)
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
                 aux_losses, _ = self._layer_losses(aux, targets, num_boxes)
                 losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
@@ -94,7 +94,7 @@ class SetCriterion(nn.Module):
 
     def _layer_losses(self, outputs: Dict[str, Tensor], targets: Targets,
                       num_boxes: float) -> Tuple[Dict[str, Tensor], Indices]:
-        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+        logits, boxes = at_least_float32(outputs["pred_logits"]), at_least_float32(outputs["pred_boxes"])
         indices = self.matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
         losses = {
             "loss_ce": self.loss_labels(logits, targets, indices),
@@ -108,13 +108,13 @@ class SetCriterion(nn.Module):
         batch_idx, query_idx = _matched(indices)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, query_idx] = _matched_labels(targets, indices, logits.device)
-        return F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+        return F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
 
     def loss_boxes(self, boxes: Tensor, targets: Targets, indices: Indices, num_boxes: float) -> Dict[str, Tensor]:
         """L1 and GIoU losses of matched boxes ``(B, Q, 4)``, each summed and divided by ``num_boxes``."""
         batch_idx, query_idx = _matched(indices)
         src = boxes[batch_idx, query_idx]
-        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(boxes.device, torch.float32)
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(boxes.device, boxes.dtype)
         loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
         loss_giou = generalized_box_iou_loss(cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt), reduction="sum") / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}

@@ -8,7 +8,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou
 
-from .box_checks import check_boxes, cxcywh_to_xyxy
+from .box_checks import at_least_float32, check_boxes, cxcywh_to_xyxy
 
 
 class HungarianMatcher(nn.Module):
@@ -34,10 +34,10 @@ class HungarianMatcher(nn.Module):
     def cost_matrix(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> Tensor:
         """Matching cost of every prediction against every target of the batch.
 
-        Returns ``(B, Q, sum_i N_i)`` float32 on the predictions' device; image ``i``'s block is
+        Returns ``(B, Q, sum_i N_i)`` (at least float32) on the predictions' device; image ``i``'s block is
         the ``N_i`` columns of its targets.
         """
-        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+        logits, boxes = at_least_float32(outputs["pred_logits"]), at_least_float32(outputs["pred_boxes"])
         if len(targets) != logits.shape[0]:
             raise ValueError(f"got {len(targets)} target dicts for a batch of {logits.shape[0]} images")
         check_boxes(boxes, targets)
@@ -45,7 +45,7 @@ class HungarianMatcher(nn.Module):
         prob = logits.flatten(0, 1).softmax(-1)  # (B*Q, K+1)
         out_boxes = boxes.flatten(0, 1)  # (B*Q, 4)
         tgt_labels = torch.cat([t["labels"] for t in targets]).to(logits.device, torch.int64)
-        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device, torch.float32)
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device, boxes.dtype)
         cost = (self.cost_bbox * torch.cdist(out_boxes, tgt_boxes, p=1)
                 - self.cost_class * prob[:, tgt_labels]
                 - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(out_boxes), cxcywh_to_xyxy(tgt_boxes)))
