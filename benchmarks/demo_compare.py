@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from detr_irpe.demo import DemoSettings, run_compare
+from detr_irpe.apps.demo import DemoSettings, run_compare
 
 
 def machine() -> dict:

@@ -15,6 +15,9 @@ import time
 
 import torch
 
+from detr_irpe.config import TrainConfig
+from detr_irpe.engine.step import train_step
+from detr_irpe.engine.train import build_optimizer
 from detr_irpe.models import build_detr
 
 
@@ -32,15 +35,9 @@ def make_batch(batch, size, device):
     return images, masks, targets
 
 
-def train_step(model, criterion, optimizer, batch, amp):
-    images, masks, targets = batch
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-        outputs = model(images, masks)
-    loss = criterion.weighted_loss(criterion(outputs, targets))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-    optimizer.step()
+def step(model, criterion, optimizer, batch, amp):
+    """The training loop's own step, with the COCO configs' clipping."""
+    train_step(model, criterion, optimizer, batch, amp=amp, clip_max_norm=TrainConfig.clip_max_norm)
 
 
 @torch.no_grad()
@@ -80,7 +77,7 @@ def main(argv=None):
     for rep in range(args.reps + 1):  # rep 0 warms up
         for name, (model, criterion, optimizer) in runs.items():
             model.train()
-            t_train = timed(lambda: train_step(model, criterion, optimizer, batch, args.amp), device)
+            t_train = timed(lambda: step(model, criterion, optimizer, batch, args.amp), device)
             model.eval()
             t_infer = timed(lambda: infer(model, batch, args.amp), device)
             if rep > 0:
@@ -103,7 +100,7 @@ def build(backbone, rpe, device):
     model, criterion, _ = build_detr(backbone=backbone, backbone_weights="none", rpe=rpe)
     model.to(device).train()
     criterion.to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
+    optimizer = build_optimizer(model, TrainConfig())  # the training loop's groups: backbone at 1e-5
     return model, criterion, optimizer
 
 
@@ -112,8 +109,8 @@ def one_at_a_time(args, device):
     steps = {"plain": [], "irpe": []}
     for name in ("plain", "irpe", "plain", "irpe"):
         model, criterion, optimizer = build(args.backbone, None if name == "plain" else args.rpe, device)
-        train_step(model, criterion, optimizer, batch, args.amp)  # warm-up
-        times = [timed(lambda: train_step(model, criterion, optimizer, batch, args.amp), device)
+        step(model, criterion, optimizer, batch, args.amp)  # warm-up
+        times = [timed(lambda: step(model, criterion, optimizer, batch, args.amp), device)
                  for _ in range(args.reps)]
         steps[name].append(statistics.median(times))
         print(f"{name:6s} train step {steps[name][-1]:.3f} s  ({', '.join(f'{t:.2f}' for t in times)})", flush=True)

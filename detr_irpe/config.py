@@ -109,6 +109,11 @@ class TrainConfig:
     deterministic: bool = False
     skip_nonfinite: bool = False  # skip a batch whose loss is NaN/inf instead of stopping
     log_every: int = 20
+    # pretraining of a backbone without ImageNet weights (tiny) on the training split's
+    # image-level labels, before DETR trains (detr_irpe.engine.pretrain; the demo does it)
+    pretrain_iterations: int = 0  # 0: none
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 2e-3  # AdamW
 
 
 @dataclass
@@ -122,6 +127,7 @@ class Config:
 
 
 SECTIONS = ("model", "data", "train")
+CONFIG_DIR = Path(__file__).with_name("configs")  # the YAML configs shipped with the package
 
 
 def _closest(name: str, choices) -> str:
@@ -206,13 +212,31 @@ def merge_dict(cfg: Config, data: dict, source: str = "config") -> Config:
     return cfg
 
 
+def shipped_configs() -> list:
+    """Names of the configs shipped inside the package (``detr_r50``, ``demo``, ...)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: Union[str, Path]) -> Path:
+    """``path`` if it is a file; else the shipped config it names (``detr_r50``, ``detr_r50.yaml``
+    or ``configs/detr_r50.yaml``), so that the commands find the configs from any folder and in a
+    non-editable install."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    name = given.name if given.suffix in (".yaml", ".yml") else given.name + ".yaml"
+    shipped = CONFIG_DIR / name
+    if shipped.is_file() and (len(given.parts) == 1 or given.parent.name == "configs"):
+        return shipped
+    raise ConfigError(f"config file not found: {path}. Pass an existing YAML file or a shipped config: "
+                      f"{', '.join(shipped_configs())}")
+
+
 def load_config(path: Optional[Union[str, Path]] = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; validated."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}. Pass an existing YAML file, e.g. configs/detr_r50.yaml")
+        path = resolve_config_path(path)
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
@@ -305,6 +329,9 @@ def validate(cfg: Config) -> Config:
     need(len(d.train_scales) > 0 and all(isinstance(s, int) and s > 0 for s in d.train_scales),
          f"data.train_scales must be a non-empty list of positive integers, got {d.train_scales}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    need(t.pretrain_iterations >= 0, f"train.pretrain_iterations must be >= 0 (0: none), got {t.pretrain_iterations}")
+    need(t.pretrain_batch_size > 0, f"train.pretrain_batch_size must be > 0, got {t.pretrain_batch_size}")
+    need(t.pretrain_lr > 0, f"train.pretrain_lr must be > 0, got {t.pretrain_lr}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return cfg

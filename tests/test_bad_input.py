@@ -22,7 +22,8 @@ from detr_irpe.data.check import check_dataset
 from detr_irpe.data.errors import DataItemError, DataLoaderWorkerError
 from detr_irpe.data.validate import validate_coco_dict
 from detr_irpe.engine.inference import load_detector
-from detr_irpe.engine.predict import SkippedImageWarning, predict_images, read_rgb
+from detr_irpe.apps.predict import SkippedImageWarning, predict_images
+from detr_irpe.data.images import read_rgb
 from detr_irpe.models import build_detr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -444,7 +445,7 @@ def test_predict_skips_unreadable_images_and_goes_on(tmp_path, checkpoint):
 HUGE_SCRIPT = """
 import resource, sys, torch
 from detr_irpe.engine.inference import load_detector
-from detr_irpe.engine.predict import predict_images
+from detr_irpe.apps.predict import predict_images
 detector = load_detector(sys.argv[1])
 seen = []
 detector.model.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))

@@ -2,12 +2,12 @@
 import json
 from pathlib import Path
 
-from detr_irpe.demo import DemoSettings, run_demo
+from detr_irpe.apps.demo import DemoSettings, run_demo
 
 
 def test_demo_smoke(tmp_path):
     settings = DemoSettings(
-        output_dir=str(tmp_path / "run"), data_root=str(tmp_path / "data"), budget_minutes=2.0,
+        output_dir=str(tmp_path / "run"), data_root=str(tmp_path / "data"),
         num_train=16, num_val=4, image_size=64, num_pictures=2, max_iterations=3, max_pretrain_iterations=4, quiet=True,
         overrides=["train.batch_size=4", "train.device=cpu", "model.hidden_dim=32", "model.dim_feedforward=64",
                    "model.enc_layers=1", "model.dec_layers=1", "train.warmup_iters=2"],
@@ -28,6 +28,20 @@ def test_demo_smoke(tmp_path):
     for files in pictures.values():
         for f in files:
             assert f.endswith(".png") and Path(f).is_file(), f
+
+
+def test_a_cap_that_cuts_the_schedule_says_so(tmp_path, capsys):
+    settings = DemoSettings(
+        output_dir=str(tmp_path / "run"), data_root=str(tmp_path / "data"), budget_minutes=0.01, num_train=16,
+        num_val=4, image_size=64, pictures=False,
+        overrides=["train.batch_size=4", "train.device=cpu", "model.hidden_dim=32", "model.dim_feedforward=64",
+                   "model.enc_layers=1", "model.dec_layers=1", "train.epochs=50", "train.pretrain_iterations=5000"],
+    )
+    summary = run_demo(settings)
+    out = capsys.readouterr().out
+    assert summary["cut_short"] and summary["iterations"] < summary["planned_iterations"] == 200
+    assert summary["pretrain_iterations"] < 5000
+    assert f"stopped at iteration {summary['iterations']} of 200" in out and "the AP below is not the demo's" in out
 
 
 def _lrs(cfg, iters_per_epoch, steps):

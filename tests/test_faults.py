@@ -9,7 +9,8 @@ from engine_helpers import tiny_overrides
 from detr_irpe.config import load_config
 from detr_irpe.engine.checkpoint import load_checkpoint_file
 from detr_irpe.engine.state import CheckpointKeeper, atomic_save
-from detr_irpe.engine.train import NonFiniteLossError, Trainer
+from detr_irpe.engine.step import NonFiniteLossError
+from detr_irpe.engine.train import Trainer
 
 
 def make_cfg(out, **extra):

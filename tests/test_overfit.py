@@ -6,6 +6,7 @@ import torch
 
 from detr_irpe.config import load_config
 from detr_irpe.data import build_train_val_datasets, collate_fn
+from detr_irpe.engine.step import train_step
 from detr_irpe.engine.train import build_optimizer
 from detr_irpe.models import build_detr
 from engine_helpers import COCO, REPO
@@ -27,13 +28,7 @@ def test_loss_falls_on_real_coco_images():
     model, criterion, _ = build_detr(cfg.model)
     model.train()
     optimizer = build_optimizer(model, cfg.train)
-    losses = []
-    for _ in range(ITERATIONS):
-        loss = criterion.weighted_loss(criterion(model(images, masks), targets))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_max_norm)
-        optimizer.step()
-        losses.append(loss.item())
+    losses = [train_step(model, criterion, optimizer, (images, masks, targets), clip_max_norm=cfg.train.clip_max_norm).loss
+              for _ in range(ITERATIONS)]
     start, end = losses[0], sum(losses[-5:]) / 5
     assert end < 0.5 * start, f"loss {start:.2f} -> {end:.2f} after {ITERATIONS} iterations: {losses}"

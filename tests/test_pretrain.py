@@ -33,7 +33,8 @@ def test_classifier_pools_only_unpadded_features():
 
 def test_pretraining_learns_and_its_weights_load(tmp_path):
     out = tmp_path / "backbone.pth"
-    result = pretrain_backbone(_cfg(tmp_path), str(out), iterations=40, batch_size=4, lr=3e-3, quiet=True)
+    cfg = _cfg(tmp_path, **{"train.pretrain_iterations": 40, "train.pretrain_batch_size": 4, "train.pretrain_lr": 3e-3})
+    result = pretrain_backbone(cfg, str(out), quiet=True)
     assert result.iterations == 40 and out.is_file()
     assert result.last_loss < 0.7 * result.first_loss, result
     state = torch.load(out, weights_only=True)
@@ -66,6 +67,6 @@ def test_bad_backbone_weights_are_refused_clearly(tmp_path):
     with pytest.raises(RuntimeError, match="not a state dict of the tiny backbone"):
         build_backbone("tiny", str(wrong))
     with pytest.raises(ValueError, match="for the tiny backbone"):
-        pretrain_backbone(_cfg(tmp_path, **{"model.backbone": "resnet18"}), str(tmp_path / "x.pth"), iterations=1)
-    with pytest.raises(ValueError, match="needs a budget"):
+        pretrain_backbone(_cfg(tmp_path, **{"model.backbone": "resnet18", "train.pretrain_iterations": 1}), str(tmp_path / "x.pth"))
+    with pytest.raises(ValueError, match="train.pretrain_iterations must be > 0"):
         pretrain_backbone(_cfg(tmp_path), str(tmp_path / "x.pth"))

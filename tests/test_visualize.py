@@ -209,12 +209,18 @@ def test_rpe_table_plots_for_every_method_and_mode(rpe, tmp_path):
     assert {v.layer for v in views} == {1}
 
 
-def test_rpe_without_irpe_is_a_clear_error(tmp_path):
+def fails_with(capsys, message, name, argv):
+    """``tools/<name>.py argv`` exits 1 with one ``error:`` line holding ``message``, no traceback."""
+    assert tool(name).main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+
+def test_rpe_without_irpe_is_a_clear_error(tmp_path, capsys):
     checkpoint = save_checkpoint(tmp_path / "plain.pth", rpe=None)
     with pytest.raises(NoRPEError, match="no iRPE"):
         table_views(tiny_model(None))
-    with pytest.raises(SystemExit, match="no iRPE"):
-        tool("visualize").main(["rpe", "--checkpoint", str(checkpoint), "--out", str(tmp_path)])
+    fails_with(capsys, "no iRPE", "visualize", ["rpe", "--checkpoint", str(checkpoint), "--out", str(tmp_path)])
     assert not (tmp_path / "rpe_tables.png").exists()
 
 
@@ -254,11 +260,10 @@ def test_series_keeps_the_last_record_of_a_repeated_epoch():
     assert series(records, "val_AP") == ([2.0], [0.1])
 
 
-def test_cli_errors_are_messages(ctx_checkpoint, tmp_path):
-    with pytest.raises(SystemExit, match="nothing to draw"):
-        tool("visualize").main(["boxes", "--checkpoint", str(ctx_checkpoint), "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="outside the image"):
-        tool("visualize").main(["attention", "--checkpoint", str(ctx_checkpoint), "--val", "1",
-                                "--pixel", "100000", "5", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="no such log file"):
-        tool("plot_logs").main([str(tmp_path / "missing" / "log.jsonl"), "--out", str(tmp_path / "c.png")])
+def test_cli_errors_are_messages(ctx_checkpoint, tmp_path, capsys):
+    fails_with(capsys, "nothing to draw", "visualize", ["boxes", "--checkpoint", str(ctx_checkpoint),
+                                                        "--out", str(tmp_path)])
+    fails_with(capsys, "outside the image", "visualize", ["attention", "--checkpoint", str(ctx_checkpoint), "--val",
+                                                          "1", "--pixel", "100000", "5", "--out", str(tmp_path)])
+    fails_with(capsys, "no such log file", "plot_logs", [str(tmp_path / "missing" / "log.jsonl"),
+                                                         "--out", str(tmp_path / "c.png")])

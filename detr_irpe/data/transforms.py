@@ -6,7 +6,7 @@ along (per-box ones are filtered together with the boxes when a crop removes som
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -102,3 +102,19 @@ def denormalize(image: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
     mean_t = torch.tensor(mean, dtype=image.dtype, device=image.device).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=image.dtype, device=image.device).view(3, 1, 1)
     return (image * std_t + mean_t).clamp(0, 1)
+
+
+def model_input_transform(data_cfg: DataConfig) -> Callable[[Tensor], Tensor]:
+    """The evaluation transform (shortest side ``eval_size``, longest at most ``max_size``), except
+    that an image so elongated that it would get a side of 0 pixels gets 1 instead."""
+    transform = make_eval_transforms(data_cfg)
+
+    def apply(image: Tensor) -> Tensor:
+        h, w = image.shape[-2:]
+        scale = min(data_cfg.eval_size / min(h, w), data_cfg.max_size / max(h, w))
+        if int(h * scale) >= 1 and int(w * scale) >= 1:
+            return transform(image)
+        size = [max(1, round(h * scale)), max(1, round(w * scale))]
+        return normalize()(F.resize(image, size, antialias=True))
+
+    return apply

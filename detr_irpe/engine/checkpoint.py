@@ -82,13 +82,11 @@ def load_checkpoint_file(path_or_url: Union[str, os.PathLike], map_location="cpu
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise _unpickling_error(path, e) from None
-    except (EOFError, KeyError, ValueError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not _looks_corrupt(str(e)):
-            raise
+    except Exception as e:  # truncated zip, garbage bytes, a text file: the unpickler fails in many ways
+        first = str(e).splitlines()[0] if str(e) else "unexpected end of file"
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({path.stat().st_size} bytes; "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected end of file'}). "
-            f"Download or save it again") from None
+            f"checkpoint {path} is corrupt or truncated ({path.stat().st_size} bytes; {type(e).__name__}: "
+            f"{first}), or not a PyTorch file at all. Download or save it again") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict "
                               f"(a state dict, or a dict with the state dict under 'model')")
@@ -125,11 +123,6 @@ def _unpickling_error(path: Path, error: pickle.UnpicklingError) -> CheckpointEr
             f"load it yourself with weights_only=False and re-save just the state dict: "
             f"torch.save({{'model': checkpoint['model']}}, 'clean.pth')")
     return CheckpointError(f"checkpoint {path} is corrupt ({message.splitlines()[0]}). Download or save it again")
-
-
-def _looks_corrupt(message: str) -> bool:
-    return any(s in message for s in ("corrupt", "EOF", "zip archive", "failed reading", "invalid header",
-                                      "magic number"))
 
 
 def state_dict_from_checkpoint(obj: Mapping) -> Dict[str, Tensor]:

@@ -1,14 +1,18 @@
-"""Turning a checkpoint file (ours, official DETR or the iRPE model zoo) into a ready model."""
+"""A checkpoint file (ours, official DETR or the iRPE model zoo) turned into a ready model, and that
+model run on images held in memory."""
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..config import Config, apply_overrides, config_from_dict, load_config, validate
+from ..data.transforms import model_input_transform
 from ..models import build_detr
+from ..structures import pad_images
 from .checkpoint import load_checkpoint_file, load_model_weights, state_dict_from_checkpoint
 
 # fields of the official DETR / iRPE-DETR argparse.Namespace that map onto ModelConfig
@@ -21,11 +25,50 @@ _ARGS_TO_MODEL = {
 
 
 @dataclass
-class Detector:
+class LoadedDetector:
+    """A model built from a checkpoint and ready for inference, with what it was trained on.
+
+    Attributes:
+        model: the DETR, in eval mode, on its device.
+        postprocessor: turns its outputs into absolute boxes, scores and labels.
+        config: the checkpoint's config (the ``data`` section gives the evaluation resize).
+        categories: class id -> name (empty when the checkpoint stores none).
+    """
+
     model: nn.Module
     postprocessor: nn.Module
     config: Config
     categories: Dict[int, str]
+    backbone_per_image: bool = True  # see detect()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def detect(self, images: Sequence[Tensor], batch_size: Optional[int] = None) -> List[Dict[str, Tensor]]:
+        """Every query's detection for each ``(3, H, W)`` uint8 RGB image.
+
+        Images are resized like evaluation images (``data.eval_size`` / ``data.max_size``) and run
+        ``batch_size`` at a time (default: all at once), padded. With ``backbone_per_image`` (the
+        default) the CNN sees each image unpadded, so an image's detections do not depend on what
+        it is batched with.
+
+        Returns:
+            per image ``{"scores": (Q,), "labels": (Q,), "boxes": (Q, 4)}`` on the CPU, boxes
+            absolute ``(x1, y1, x2, y2)`` in the original image's pixels.
+        """
+        transform = model_input_transform(self.config.data)
+        device, step = self.device, max(batch_size or len(images), 1)
+        self.model.eval()
+        results: List[Dict[str, Tensor]] = []
+        for start in range(0, len(images), step):
+            chunk = images[start:start + step]
+            batch, mask = pad_images([transform(image) for image in chunk])
+            outputs = self.model(batch.to(device), mask.to(device), backbone_per_image=self.backbone_per_image)
+            sizes = torch.tensor([list(image.shape[-2:]) for image in chunk], device=device)
+            results += [{k: v.cpu() for k, v in r.items()} for r in self.postprocessor(outputs, sizes)]
+        return results
 
 
 def config_for_checkpoint(ckpt: dict, config_path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
@@ -58,7 +101,7 @@ def config_for_checkpoint(ckpt: dict, config_path: Optional[str] = None, overrid
 
 
 def load_detector(checkpoint: str, config_path: Optional[str] = None, overrides: Sequence[str] = (),
-                  device: str = "cpu") -> Detector:
+                  device: str = "cpu") -> LoadedDetector:
     """Build the model a checkpoint describes and load its weights (``strict=True``)."""
     ckpt = load_checkpoint_file(checkpoint)
     cfg = config_for_checkpoint(ckpt, config_path, overrides)
@@ -66,4 +109,4 @@ def load_detector(checkpoint: str, config_path: Optional[str] = None, overrides:
     load_model_weights(model, state_dict_from_checkpoint(ckpt), strict=True, source=str(checkpoint))
     model.to(device).eval()
     categories = ckpt.get("categories") or {}
-    return Detector(model, postprocessor, cfg, {int(k): str(v) for k, v in categories.items()})
+    return LoadedDetector(model, postprocessor, cfg, {int(k): str(v) for k, v in categories.items()})

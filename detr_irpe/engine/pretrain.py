@@ -9,7 +9,7 @@ map, binary cross-entropy), with the training split's usual augmentations. The s
 is what ``model.backbone_weights`` takes.
 
     from detr_irpe.engine.pretrain import pretrain_backbone
-    result = pretrain_backbone(cfg, "outputs/backbone.pth", seconds=90)
+    result = pretrain_backbone(cfg, "outputs/backbone.pth")  # cfg.train.pretrain_{iterations,batch_size,lr}
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from ..config import Config, ConfigError
 from ..data import build_dataloader, build_dataset, set_epoch
-from ..errors import UsageError
 from ..models.backbone import TinyBackbone, build_backbone
 from . import distributed as du
 from .state import atomic_save
@@ -66,16 +65,17 @@ def image_labels(targets: List[dict], num_classes: int) -> Tensor:
 
 
 def pretrain_backbone(cfg: Config, out_path: str, seconds: Optional[float] = None,
-                      iterations: Optional[int] = None, batch_size: int = 32, lr: float = 2e-3,
                       quiet: bool = False) -> PretrainResult:
     """Pretrain ``cfg.model``'s (tiny) backbone on the image-level labels of ``cfg.data``'s
-    training split for ``seconds`` of wall time or ``iterations`` steps (whichever ends first),
-    then save its state dict to ``out_path``."""
-    if seconds is None and iterations is None:
-        raise UsageError("pretrain_backbone needs a budget: seconds or iterations")
+    training split for ``cfg.train.pretrain_iterations`` steps (batch ``cfg.train.pretrain_batch_size``,
+    AdamW at ``cfg.train.pretrain_lr``), or until ``seconds`` of wall time have passed if that comes
+    first, then save its state dict to ``out_path``."""
+    iterations, batch_size, lr = cfg.train.pretrain_iterations, cfg.train.pretrain_batch_size, cfg.train.pretrain_lr
+    if iterations <= 0:
+        raise ConfigError("train.pretrain_iterations must be > 0 to pretrain the backbone")
     if cfg.model.backbone != "tiny":
         raise ConfigError(f"backbone pretraining is for the tiny backbone (no ImageNet weights); "
-                         f"{cfg.model.backbone!r} starts from backbone_weights=imagenet instead")
+                          f"{cfg.model.backbone!r} starts from backbone_weights=imagenet instead")
     device = du.init_distributed(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     train_set = build_dataset(cfg.data, "train")
@@ -103,7 +103,7 @@ def pretrain_backbone(cfg: Config, out_path: str, seconds: Optional[float] = Non
                 print(f"[pretrain] iteration {len(losses)}: loss {sum(losses[-100:]) / 100:.4f} "
                       f"({time.time() - start:.0f}s)", flush=True)
             out_of_time = seconds is not None and time.time() - start >= seconds
-            if (iterations is not None and len(losses) >= iterations) or du.any_process(out_of_time, device):
+            if len(losses) >= iterations or du.any_process(out_of_time, device):
                 return _save(backbone, out_path, losses, time.time() - start)
         epoch += 1
 

@@ -1,7 +1,6 @@
 """The training loop: AdamW, step or cosine LR, gradient clipping, autocast, checkpoints, exact resume, DDP."""
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import time
@@ -14,17 +13,14 @@ from tqdm import tqdm
 
 from ..config import Config, save_config
 from ..data import build_dataloader, build_train_val_datasets, set_epoch
-from ..errors import CheckpointError, DetrIrpeError
+from ..errors import CheckpointError
 from ..models import build_detr
 from . import distributed as du
-from .checkpoint import load_checkpoint_file, load_for_finetuning, state_dict_from_checkpoint
+from .checkpoint import load_checkpoint_file, load_for_finetuning, load_model_weights, state_dict_from_checkpoint
 from .evaluate import evaluate
 from .logger import JsonlWriter, MetricLogger
 from .state import CheckpointKeeper, capture_rng, restore_rng
-
-
-class NonFiniteLossError(DetrIrpeError, FloatingPointError):
-    """The loss became NaN or infinite; names the iteration and the offending terms."""
+from .step import to_device, train_step
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -58,21 +54,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, iters_per_epoch: int)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
 
 
-def autocast_context(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def to_device(images, masks, targets, device):
-    images = images.to(device, non_blocking=True)
-    masks = masks.to(device, non_blocking=True)
-    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-               for t in targets]
-    return images, masks, targets
-
-
 class StopRequest:
     """Turns SIGTERM / SIGINT into a flag checked at iteration boundaries (preemption-safe)."""
 
@@ -104,15 +85,6 @@ class StopRequest:
     def agreed(self, device) -> bool:
         """True if any process was asked to stop (so all ranks stop at the same iteration)."""
         return du.any_process(self.requested, device)
-
-
-def check_finite(loss: torch.Tensor, loss_dict: Dict[str, torch.Tensor], weight_dict, where: str) -> Optional[str]:
-    """None if the loss is finite, else a message naming the offending terms."""
-    if torch.isfinite(loss):
-        return None
-    bad = [f"{k}={float(v.detach()):.4g}" for k, v in loss_dict.items() if k in weight_dict and not torch.isfinite(v)]
-    return (f"non-finite loss ({float(loss.detach())}) at {where}; offending terms: {', '.join(bad) or 'the weighted sum'}. "
-            f"Lower train.lr, check the data (tools/check_data.py) or set train.skip_nonfinite=true to skip such batches")
 
 
 class Trainer:
@@ -199,8 +171,6 @@ class Trainer:
             if key not in ckpt:
                 raise CheckpointError(f"{path} is not a training checkpoint of this project (no '{key}'); "
                                  f"to start from its weights use train.pretrained={path}")
-        from .checkpoint import load_model_weights
-
         load_model_weights(self.model, ckpt["model"], strict=True, source=str(path))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -261,32 +231,19 @@ class Trainer:
             if stop.agreed(self.device):
                 bar.close()
                 return {"stopped": True}
-            images, masks, targets = to_device(images, masks, targets, self.device)
-            with autocast_context(self.device, t.amp):
-                outputs = self.ddp_model(images, masks)
-            loss_dict = self.criterion(outputs, targets)
-            loss = self.criterion.weighted_loss(loss_dict)
-            problem = check_finite(loss, loss_dict, self.criterion.weight_dict,
-                                   f"epoch {self.epoch}, iteration {self.step_in_epoch} (global step {self.global_step})")
-            if problem is not None:
-                if not t.skip_nonfinite:
-                    raise NonFiniteLossError(problem)
-                self._say("skipping batch: " + problem)
-                self.optimizer.zero_grad(set_to_none=True)
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if t.clip_max_norm > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_max_norm)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            batch = to_device(images, masks, targets, self.device)
+            result = train_step(self.ddp_model, self.criterion, self.optimizer, batch, amp=t.amp, scaler=self.scaler,
+                                clip_max_norm=t.clip_max_norm, skip_nonfinite=t.skip_nonfinite,
+                                where=f"epoch {self.epoch}, iteration {self.step_in_epoch} "
+                                      f"(global step {self.global_step})")
+            if result.skipped:
+                self._say("skipping batch: " + result.skipped)
             if self.step_lr_every_iteration:
                 self.scheduler.step()
             self.step_in_epoch += 1
             self.global_step += 1
-            logged = du.reduce_dict({k: v.detach() for k, v in loss_dict.items() if v.dim() == 0})
-            metrics.update(loss=loss.item() if problem is None else None, **{k: float(v) for k, v in logged.items()})
+            logged = du.reduce_dict(result.losses)
+            metrics.update(loss=result.loss, **{k: float(v) for k, v in logged.items()})
             bar.update(1)
             out_of_budget = deadline is not None and time.time() >= deadline
             if self.step_in_epoch < total and du.any_process(out_of_budget, self.device):
@@ -306,14 +263,20 @@ class Trainer:
             stats["out_of_time"] = True
         return stats
 
-    def evaluate(self, output_dir: Optional[Path] = None) -> Dict[str, float]:
+    def evaluate(self, output_dir: Optional[Path] = None, table: bool = True) -> Dict[str, float]:
+        """COCO metrics on the validation split; ``table``: print pycocotools' table (unless quiet)."""
         du.sync_buffers(self.model)
         return evaluate(self.model, self.postprocessor, self.val_set, self.device,
                         batch_size=self.cfg.train.batch_size, num_workers=self.cfg.data.num_workers,
-                        output_dir=output_dir or self.output_dir, amp=self.cfg.train.amp, quiet=self.quiet)
+                        output_dir=output_dir or self.output_dir, amp=self.cfg.train.amp, quiet=self.quiet,
+                        table=table)
 
     def fit(self) -> dict:
-        """Train ``cfg.train.epochs`` epochs (from where a resume left off). Returns the last metrics."""
+        """Train ``cfg.train.epochs`` epochs (from where a resume left off). Returns the last metrics.
+
+        Each epoch prints one line (loss, class error, and AP / AP50 / AP75 after an evaluation);
+        pycocotools' full table is printed once, after the last evaluation.
+        """
         t = self.cfg.train
         last_eval: dict = {}
         deadline = time.time() + 60.0 * t.max_minutes if t.max_minutes else None
@@ -336,7 +299,7 @@ class Trainer:
                     record["out_of_time"] = True
                 is_best = False
                 if (t.eval_every and self.epoch % t.eval_every == 0) or self.epoch == t.epochs or out_of_time:
-                    last_eval = self.evaluate()
+                    last_eval = self.evaluate(table=self.epoch == t.epochs or out_of_time)
                     record.update({f"val_{k}": v for k, v in last_eval.items() if isinstance(v, (int, float))})
                     ap = last_eval.get("AP", -1.0)
                     is_best = ap > self.best_ap
@@ -358,7 +321,7 @@ def _epoch_line(record: dict) -> str:
     if "train_class_error" in record:
         parts.append(f"class_error {record['train_class_error']:.1f}")
     if "val_AP" in record:
-        parts.append(f"AP {record['val_AP']:.3f}  AP50 {record['val_AP50']:.3f}")
+        parts.append(f"AP {record['val_AP']:.3f}  AP50 {record['val_AP50']:.3f}  AP75 {record['val_AP75']:.3f}")
     parts.append(f"{record.get('train_seconds', 0):.0f}s")
     return " | ".join(parts)
 

@@ -189,11 +189,37 @@ class Joiner(nn.Sequential):
         self.num_channels = backbone.num_channels
         self.stride = backbone.stride
 
-    def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """Returns features ``(B, C, h, w)``, mask ``(B, h, w)`` and position ``(B, hidden_dim, h, w)``."""
-        features, mask = self[0](images, mask)
+    def forward(self, images: Tensor, mask: Tensor, per_image: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+        """Returns features ``(B, C, h, w)``, mask ``(B, h, w)`` and position ``(B, hidden_dim, h, w)``.
+
+        ``per_image``: run the CNN on each image's own region (the top-left part its mask leaves
+        unpadded), so that no convolution sees another image's padding; the feature maps are then
+        padded to a common size, with the mask. An image's features, and so its detections, do not
+        depend on what it is batched with.
+        """
+        if per_image and images.shape[0] > 1:
+            features, mask = self._features_per_image(images, mask)
+        else:
+            features, mask = self[0](images, mask)
         pos = self[1](mask).to(features.dtype)
         return features, mask, pos
+
+    def _features_per_image(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+        parts = []
+        for image, pad in zip(images, mask):
+            rows, cols = (~pad).any(1).nonzero(), (~pad).any(0).nonzero()
+            h = int(rows[-1]) + 1 if len(rows) else 1
+            w = int(cols[-1]) + 1 if len(cols) else 1
+            parts.append(self[0](image[None, :, :h, :w], pad[None, :h, :w]))
+        height = max(f.shape[-2] for f, _ in parts)
+        width = max(f.shape[-1] for f, _ in parts)
+        first = parts[0][0]
+        features = first.new_zeros(len(parts), first.shape[1], height, width)
+        feature_mask = torch.ones(len(parts), height, width, dtype=torch.bool, device=mask.device)
+        for i, (f, m) in enumerate(parts):
+            features[i, :, : f.shape[-2], : f.shape[-1]] = f[0]
+            feature_mask[i, : f.shape[-2], : f.shape[-1]] = m[0]
+        return features, feature_mask
 
 
 def build_backbone(name: str, weights: str = "none", train_backbone: bool = True,

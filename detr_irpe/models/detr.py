@@ -54,7 +54,7 @@ class DETR(nn.Module):
         self.aux_loss = aux_loss
 
     def forward(self, images: Union[Tensor, Sequence[Tensor]], mask: Optional[Tensor] = None,
-                return_attention: bool = False) -> Dict[str, object]:
+                return_attention: bool = False, backbone_per_image: bool = False) -> Dict[str, object]:
         """Predict boxes for a batch of images.
 
         Args:
@@ -63,6 +63,9 @@ class DETR(nn.Module):
             mask: ``(B, H, W)`` bool, True on padding, for a padded batch; None = no padding.
             return_attention: add ``"attention"`` (see ``Transformer.forward``) and the
                 feature-map size ``"feature_hw"`` to the output.
+            backbone_per_image: run the CNN on each image unpadded (see ``Joiner.forward``), so
+                that an image's detections do not depend on the batch; evaluation and prediction
+                do this by default. Training batches the CNN, as DETR does.
 
         Returns:
             ``pred_logits`` ``(B, Q, K + 1)``, ``pred_boxes`` ``(B, Q, 4)`` normalised
@@ -70,7 +73,7 @@ class DETR(nn.Module):
             ``aux_outputs``: the same two entries for every decoder layer but the last.
         """
         images, mask = _as_batch(images, mask)
-        features, mask, pos = self.backbone(images, mask)
+        features, mask, pos = self.backbone(images, mask, per_image=backbone_per_image)
         hs, _, attention = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos,
                                             return_attention=return_attention)
         logits = self.class_embed(hs)  # (L, B, Q, K + 1)

@@ -5,10 +5,8 @@
 * :mod:`.attention` — encoder self-attention of a pixel, decoder cross-attention per detection.
 * :mod:`.rpe_tables` — the learned iRPE lookup tables of every encoder layer (matplotlib).
 * :mod:`.curves` — losses, class error and AP over epochs from ``log.jsonl`` files (matplotlib).
-* :mod:`.commands` — from a checkpoint / log file to PNG files: what ``tools/visualize.py`` and
-  ``tools/plot_logs.py`` call.
-
-Only the box drawing is imported here (``engine.predict`` uses it); matplotlib is imported
+Drawing only: what to draw comes from the caller (:mod:`detr_irpe.apps.pictures` turns a
+checkpoint into these pictures). Only the box drawing is imported here; matplotlib is imported
 by the modules that plot, when they plot.
 """
 from .boxes import class_color, draw_detections, prediction_vs_ground_truth, save_png, side_by_side, titled_row

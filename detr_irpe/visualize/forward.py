@@ -1,6 +1,6 @@
 """One forward pass of a detector on one image, keeping what the pictures need.
 
-Images are resized like evaluation images (``make_eval_transforms``), run as a batch of one
+Images are resized like evaluation images (``model_input_transform``), run as a batch of one
 and the detections mapped back to the original image's pixels. The sizes needed to map an
 attention map back onto the image are kept: the feature grid covers the padded input tensor
 uniformly (the padding mask is resized to it by nearest-neighbour interpolation, see
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.transforms import make_eval_transforms
+from ..data.transforms import model_input_transform
 
 
 @dataclass
@@ -86,7 +86,7 @@ def prepare_input(image: Tensor, data_cfg) -> Tuple[Tensor, Tensor]:
     """A ``(3, H, W)`` uint8 image as the model's ``(1, 3, h, w)`` batch and ``(1, h, w)`` mask."""
     if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
         raise ValueError(f"expected a (3, H, W) uint8 RGB image, got {tuple(image.shape)} {image.dtype}")
-    batch = make_eval_transforms(data_cfg)(image).unsqueeze(0)
+    batch = model_input_transform(data_cfg)(image).unsqueeze(0)
     mask = torch.zeros(1, *batch.shape[-2:], dtype=torch.bool)
     return batch, mask
 

@@ -1,5 +1,5 @@
-"""From a checkpoint or log files to PNG files: the functions ``tools/visualize.py`` and
-``tools/plot_logs.py`` call. Any checkpoint :func:`detr_irpe.engine.inference.load_detector`
+"""From a checkpoint or log files to PNG files: what ``detr-irpe visualize`` (``tools/visualize.py``)
+and ``tools/plot_logs.py`` do. Any checkpoint :func:`detr_irpe.engine.inference.load_detector`
 reads works (ours, official DETR, the iRPE model zoo).
 
 Images come from files / folders, or ``val=N``: the first N images of the validation split of
@@ -14,14 +14,15 @@ import torch
 from torch import Tensor
 
 from ..data import build_dataset
-from ..engine.inference import Detector, load_detector
+from ..data.images import list_images, read_rgb
+from ..engine.inference import LoadedDetector, load_detector
 from ..engine.logger import read_jsonl
-from ..engine.predict import list_images, read_rgb
-from .attention import attention_picture, pixel_to_cell
-from .boxes import prediction_vs_ground_truth, save_png
-from .curves import plot_training_curves, run_names
-from .forward import display_scale, prepare_input, run_model
-from .rpe_tables import capture_token, plot_rpe_tables, rpe_attention_modules
+from ..errors import InputNotFoundError, UsageError
+from ..visualize.attention import attention_picture, pixel_to_cell
+from ..visualize.boxes import prediction_vs_ground_truth, save_png
+from ..visualize.curves import plot_training_curves, run_names
+from ..visualize.forward import display_scale, prepare_input, run_model
+from ..visualize.rpe_tables import capture_token, plot_rpe_tables, rpe_attention_modules
 
 Sample = Tuple[str, Tensor, Optional[Dict[str, Tensor]], Dict[int, str]]  # name, image, ground truth, class names
 
@@ -30,14 +31,14 @@ def resolve_device(device: str = "auto") -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def samples(detector: Detector, images: Sequence = (), val: Optional[int] = None) -> Iterator[Sample]:
+def samples(detector: LoadedDetector, images: Sequence = (), val: Optional[int] = None) -> Iterator[Sample]:
     """``(name, (3, H, W) uint8 image, ground truth or None, class names)`` per image: the files
     of ``images`` (files or folders), then the first ``val`` validation images with their boxes."""
     if not images and not val:
-        raise ValueError("nothing to draw: pass image files or folders, or --val N for the first N "
+        raise UsageError("nothing to draw: pass image files or folders, or --val N for the first N "
                          "validation images of the config's dataset")
     if val is not None and val < 0:
-        raise ValueError(f"--val must be a positive number of images, got {val}")
+        raise UsageError(f"--val must be a positive number of images, got {val}")
     paths = [p for item in images for p in list_images(item)]  # fail on a bad path before any work
     used: Dict[str, int] = {}
 
@@ -130,7 +131,7 @@ def draw_rpe_tables(checkpoint: str, out, layers: Optional[Sequence[int]] = None
     written = [plot_rpe_tables(detector.model, out / "rpe_tables.png", layers)]
     if images or val or pixel is not None:
         if not images and not val:
-            raise ValueError("--pixel needs an image: pass an image file or --val 1")
+            raise UsageError("--pixel needs an image: pass an image file or --val 1")
         name, image, _, _ = next(samples(detector, images, val))
         H, W = image.shape[-2:]
         xy = pixel if pixel is not None else (W // 2, H // 2)
@@ -145,7 +146,7 @@ def draw_rpe_tables(checkpoint: str, out, layers: Optional[Sequence[int]] = None
 
 
 @torch.no_grad()
-def _feature_hw(detector: Detector, batch: Tensor, mask: Tensor, device: str) -> Tuple[int, int]:
+def _feature_hw(detector: LoadedDetector, batch: Tensor, mask: Tensor, device: str) -> Tuple[int, int]:
     features, _, _ = detector.model.backbone(batch.to(device), mask.to(device))
     return int(features.shape[-2]), int(features.shape[-1])
 
@@ -155,11 +156,11 @@ def plot_logs(logs: Sequence, out, names: Optional[Sequence[str]] = None, title:
     its folder unless ``names`` are given)."""
     paths = [Path(p) for p in logs]
     if not paths:
-        raise ValueError("give at least one log.jsonl")
+        raise UsageError("give at least one log.jsonl")
     for p in paths:
         if not p.is_file():
-            raise FileNotFoundError(f"no such log file: {p} (a training run writes <output_dir>/log.jsonl)")
+            raise InputNotFoundError(f"no such log file: {p} (a training run writes <output_dir>/log.jsonl)")
     names = list(names) if names else run_names(paths)
     if len(names) != len(paths):
-        raise ValueError(f"got {len(names)} names for {len(paths)} logs")
+        raise UsageError(f"got {len(names)} names for {len(paths)} logs")
     return plot_training_curves({n: read_jsonl(p) for n, p in zip(names, paths)}, out, title=title)

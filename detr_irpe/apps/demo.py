@@ -1,0 +1,227 @@
+"""The end-to-end demo: synthetic shapes -> a small DETR-iRPE trained on a fixed schedule -> COCO
+mAP on the validation split -> pictures, all under one output folder.
+
+The schedule is the config's (``configs/demo.yaml``): ``train.pretrain_iterations`` of the tiny
+backbone on which shapes each image holds (:mod:`detr_irpe.engine.pretrain`; DETR itself starts
+from an ImageNet backbone, and from scratch it needs far more than a CPU demo to leave its
+predict-the-same-boxes plateau), then ``train.epochs`` of DETR training. Every machine trains
+the same model, so the AP a user gets is the README's, up to floating-point differences between
+CPUs. ``budget_minutes`` is an optional cap on pretraining + training; a run it cuts short says
+so. The same code uses a GPU when ``train.device=auto`` finds one.
+
+    from detr_irpe.apps.demo import DemoSettings, run_demo
+    summary = run_demo(DemoSettings(overrides=["model.rpe=null"]))
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..config import CONFIG_DIR, Config, apply_overrides, load_config, validate
+from ..data import ensure_synthetic_dataset
+from ..engine.pretrain import PretrainResult, pretrain_backbone
+from ..engine.train import Trainer
+from . import pictures
+
+DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
+
+
+@dataclass
+class DemoSettings:
+    """What the demo does besides the model / data / train config (``config`` + ``overrides``)."""
+
+    config: Optional[str] = None  # YAML config; None: the shipped demo.yaml
+    overrides: List[str] = field(default_factory=list)  # key=value, e.g. model.rpe=null
+    output_dir: str = "outputs/demo"
+    data_root: str = "data/synthetic"
+    budget_minutes: Optional[float] = None  # optional cap on pretraining + training wall time
+    num_train: int = 4000
+    num_val: int = 500
+    image_size: int = 128
+    max_objects: int = 6
+    data_seed: int = 0
+    num_pictures: int = 6  # validation images drawn with predictions vs ground truth
+    pictures: bool = True
+    max_iterations: Optional[int] = None  # cap on training iterations (tests, quick looks)
+    max_pretrain_iterations: Optional[int] = None  # cap on backbone pretraining iterations (same)
+    quiet: bool = False
+
+
+def _say(settings: DemoSettings, msg: str) -> None:
+    if not settings.quiet:
+        print(msg, flush=True)
+
+
+def build_demo_config(settings: DemoSettings, layout=None) -> Config:
+    """The config file and the overrides, pointed at the generated data (``layout``) and the demo's
+    output folder; with ``layout=None`` it only checks the config, before any data is made."""
+    cfg = load_config(settings.config or DEFAULT_CONFIG, settings.overrides)
+    if layout is not None:
+        apply_overrides(cfg, layout.config_overrides() + [f"model.num_classes={layout.num_classes}",
+                                                          f"train.output_dir={settings.output_dir}"])
+        apply_overrides(cfg, settings.overrides)  # the user's word wins
+        validate(cfg)
+    return cfg
+
+
+def cap_schedule(cfg: Config, iters_per_epoch: int, max_iterations: Optional[int]) -> int:
+    """Limit training to ``max_iterations`` (None: the config's epochs); returns the planned iterations."""
+    t = cfg.train
+    if max_iterations is not None and max_iterations < t.epochs * iters_per_epoch:
+        if max_iterations < iters_per_epoch:
+            t.epochs, t.max_iters_per_epoch = 1, max_iterations
+            iters_per_epoch = max_iterations
+        else:
+            t.epochs = max_iterations // iters_per_epoch
+        t.warmup_iters = min(t.warmup_iters, max(t.epochs * iters_per_epoch // 10, 1))
+    return t.epochs * iters_per_epoch
+
+
+def _pretrain(settings: DemoSettings, cfg: Config, seconds: Optional[float]) -> Optional[PretrainResult]:
+    """Pretrain a from-scratch tiny backbone on the data's image-level labels (as DETR starts from
+    an ImageNet backbone) and point ``cfg.model.backbone_weights`` at the result."""
+    if cfg.train.pretrain_iterations <= 0 or cfg.model.backbone != "tiny" or cfg.model.backbone_weights != "none":
+        return None
+    if settings.max_pretrain_iterations is not None:
+        cfg.train.pretrain_iterations = min(cfg.train.pretrain_iterations, settings.max_pretrain_iterations)
+    result = pretrain_backbone(cfg, str(Path(settings.output_dir) / "backbone_pretrained.pth"), seconds=seconds,
+                               quiet=settings.quiet)
+    cfg.model.backbone_weights = result.path
+    _say(settings, f"[demo] backbone pretrained on which shapes each image holds: {result.iterations} iterations "
+                   f"in {result.seconds:.0f}s, loss {result.first_loss:.3f} -> {result.last_loss:.3f}")
+    return result
+
+
+def draw_pictures(checkpoint: Path, out: Path, cfg: Config, num_images: int, quiet: bool = True) -> dict:
+    """Predictions vs ground truth on the first validation images, encoder / decoder attention,
+    the learned iRPE tables (iRPE models only) and the training curves. Returns the paths."""
+    device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
+    written = {"boxes": [str(p) for p in pictures.draw_boxes(str(checkpoint), out / "boxes", val=num_images,
+                                                             threshold=0.5, min_size=384, device=device)]}
+    written["attention"] = [str(p) for p in pictures.draw_attention(
+        str(checkpoint), out / "attention", val=min(num_images, 3), threshold=0.5, min_size=256, device=device,
+        layer="all")]
+    if cfg.model.rpe:
+        written["rpe_tables"] = [str(p) for p in pictures.draw_rpe_tables(str(checkpoint), out, val=1, device=device)]
+    log = Path(cfg.train.output_dir) / "log.jsonl"
+    if log.is_file():
+        written["training_curves"] = [str(pictures.plot_logs([log], out / "training_curves.png",
+                                                              title="demo training run"))]
+    return written
+
+
+def run_demo(settings: DemoSettings) -> dict:
+    """Generate the data, pretrain and train on the config's schedule, evaluate, draw; returns (and
+    writes to ``<output_dir>/demo_summary.json``) the metrics, iteration counts, timings and paths."""
+    build_demo_config(settings)  # a bad config or override fails here, before any work
+    t0 = time.time()
+    layout = ensure_synthetic_dataset(settings.data_root, settings.num_train, settings.num_val,
+                                      settings.image_size, settings.data_seed, max_objects=settings.max_objects)
+    t_data = time.time() - t0
+    _say(settings, f"[demo] synthetic data in {layout.root} ({settings.num_train} train / {settings.num_val} val "
+                   f"images, {settings.image_size} px; {'generated' if layout.generated else 'cached'}) "
+                   f"in {t_data:.1f}s")
+
+    cfg = build_demo_config(settings, layout)
+    budget = None if settings.budget_minutes is None else 60.0 * settings.budget_minutes
+    _say(settings, f"[demo] model: {cfg.model.backbone} backbone, d={cfg.model.hidden_dim}, "
+                   f"{cfg.model.enc_layers}+{cfg.model.dec_layers} layers, {cfg.model.num_queries} queries, "
+                   f"encoder {'iRPE ' + cfg.model.rpe if cfg.model.rpe else 'plain (no iRPE)'}")
+    t_pretrain = time.time()
+    pretrain = _pretrain(settings, cfg, budget)
+    t_pretrain = time.time() - t_pretrain
+    if budget is not None:
+        cfg.train.max_minutes = max(budget - t_pretrain, 1.0) / 60.0
+
+    t_train = time.time()
+    planned = cap_schedule(cfg, settings.num_train // cfg.train.batch_size, settings.max_iterations)
+    trainer = Trainer(cfg, quiet=settings.quiet)
+    _say(settings, f"[demo] training: {cfg.train.epochs} epochs x {trainer.iters_per_epoch} iterations "
+                   f"(batch {cfg.train.batch_size}) = {planned} iterations")
+    metrics = trainer.fit()
+    t_train = time.time() - t_train
+    out = Path(cfg.train.output_dir)
+    checkpoint = out / "checkpoint.pth"
+    planned_pretrain = cfg.train.pretrain_iterations if pretrain else 0
+    cut_short = trainer.global_step < planned or (pretrain is not None and pretrain.iterations < planned_pretrain)
+    if cut_short:
+        done = f"stopped at iteration {trainer.global_step} of {planned}"
+        if pretrain is not None and pretrain.iterations < planned_pretrain:
+            done = f"pretraining stopped at iteration {pretrain.iterations} of {planned_pretrain}, training {done}"
+        _say(settings, f"[demo] the {settings.budget_minutes:g}-minute cap cut the schedule short: {done}; "
+                       f"the AP below is not the demo's")
+
+    pictures_written: dict = {}
+    t_pictures = time.time()
+    if settings.pictures:
+        pictures_written = draw_pictures(checkpoint, out / "pictures", cfg, settings.num_pictures,
+                                         quiet=settings.quiet)
+    t_pictures = time.time() - t_pictures
+
+    summary = {
+        "AP": metrics.get("AP"), "AP50": metrics.get("AP50"), "AP75": metrics.get("AP75"),
+        "rpe": cfg.model.rpe,
+        "iterations": trainer.global_step,
+        "planned_iterations": planned,
+        "pretrain_iterations": pretrain.iterations if pretrain else 0,
+        "cut_short": cut_short,
+        "epochs_completed": trainer.epoch,
+        "backbone_pretraining": asdict(pretrain) if pretrain else None,
+        "seconds": {"data": t_data, "pretraining": t_pretrain, "training": t_train, "pictures": t_pictures,
+                    "total": time.time() - t0},
+        "budget_minutes": settings.budget_minutes,
+        "device": str(trainer.device),
+        "paths": {
+            "output_dir": str(out), "checkpoint": str(checkpoint), "config": str(out / "config.yaml"),
+            "metrics": str(out / "metrics.json"), "detections": str(out / "detections.json"),
+            "log": str(out / "log.jsonl"), "data": str(layout.root), "pictures": pictures_written,
+        },
+        "settings": asdict(settings),
+    }
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(settings, summary)
+    return summary
+
+
+def _print_summary(settings: DemoSettings, s: dict) -> None:
+    if settings.quiet:
+        return
+    p = s["paths"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [
+        "",
+        "=" * 72,
+        f"demo finished in {s['seconds']['total'] / 60:.1f} min on {s['device']}: "
+        f"{s['pretrain_iterations']} pretraining + {s['iterations']} training iterations"
+        + (f" of {s['planned_iterations']} (cut short by the {s['budget_minutes']:g}-minute cap)" if s["cut_short"]
+           else ""),
+        f"  encoder: {'iRPE ' + s['rpe'] if s['rpe'] else 'plain (no iRPE)'}",
+        f"  COCO bbox on the synthetic val split: AP {fmt(s['AP'])}  AP50 {fmt(s['AP50'])}  AP75 {fmt(s['AP75'])}",
+        f"  checkpoint   {p['checkpoint']}",
+        f"  config       {p['config']}",
+        f"  metrics      {p['metrics']}",
+        f"  training log {p['log']}",
+        f"  summary      {Path(p['output_dir']) / 'demo_summary.json'}",
+        f"  data         {p['data']}",
+    ]
+    for kind, files in p["pictures"].items():
+        folder = str(Path(files[0]).parent) if files else ""
+        lines.append(f"  pictures     {kind}: {len(files)} file(s) in {folder}")
+    lines += ["=" * 72]
+    print("\n".join(lines), flush=True)
+
+
+def run_compare(settings: DemoSettings, variants: Sequence[tuple] = (("irpe", []), ("plain", ["model.rpe=null"]))
+                ) -> dict:
+    """The demo once per variant (same data, seed and schedule), each in ``<output_dir>/<name>``."""
+    results = {}
+    for name, extra in variants:
+        one = DemoSettings(**{**asdict(settings), "output_dir": str(Path(settings.output_dir) / name),
+                              "overrides": list(settings.overrides) + list(extra)})
+        results[name] = run_demo(one)
+    return results

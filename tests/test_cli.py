@@ -1,0 +1,121 @@
+"""Every tool fails cleanly: a missing file, a malformed config value and a corrupt checkpoint give
+one ``error:`` line and exit code 1, never a traceback (unless ``--debug`` / DETR_IRPE_DEBUG=1)."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine_helpers import COCO, REPO, tiny_overrides
+from detr_irpe.apps.cli import COMMANDS
+
+
+def tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def corrupt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corrupt") / "cut.pth"
+    torch.save({"model": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from detr_irpe.config import load_config
+    from detr_irpe.models import build_detr
+
+    cfg = load_config("demo", ["model.hidden_dim=32", "model.dim_feedforward=64", "model.enc_layers=1",
+                               "model.dec_layers=1"])
+    path = tmp_path_factory.mktemp("good") / "tiny.pth"
+    torch.save({"model": build_detr(cfg.model)[0].state_dict(), "config": cfg.to_dict()}, path)
+    return path
+
+
+def cases(corrupt, good, tmp):
+    """``(tool, argv, what the error names)`` for each tool and kind of bad input."""
+    bad_lr = "train.lr=fast"
+    data = [f"data.root={COCO}", "data.num_workers=0", "data.train_images=train2017",
+            "data.train_annotations=annotations/instances_train2017.json"]
+    img = str(COCO / "val2017")
+    return [
+        # a missing file
+        ("train", ["--config", "nothere.yaml"], "config file not found"),
+        ("eval", ["--checkpoint", "nothere.pth"], "checkpoint file not found"),
+        ("predict", ["--checkpoint", "nothere.pth", img, "--out", str(tmp)], "checkpoint file not found"),
+        ("visualize", ["boxes", "--checkpoint", "nothere.pth", "--val", "1", "--out", str(tmp)],
+         "checkpoint file not found"),
+        ("check_data", ["--config", "nothere.yaml"], "config file not found"),
+        ("demo", ["--config", "nothere.yaml", "--data-root", str(tmp / "data")], "config file not found"),
+        ("pretrain_backbone", ["--config", "nothere.yaml", "--out", str(tmp / "b.pth")], "config file not found"),
+        ("plot_logs", [str(tmp / "log.jsonl"), "--out", str(tmp / "c.png")], "no such log file"),
+        ("eval", ["--checkpoint", str(corrupt), "--data-root", str(tmp / "nowhere")], "corrupt or truncated"),
+        ("train", ["--config", "demo", *data, "data.train_annotations=nothere.json"], "not found"),
+        # a malformed config value
+        ("train", ["--config", "demo", bad_lr], "train.lr"),
+        ("eval", ["--checkpoint", str(good), bad_lr], "train.lr"),
+        ("predict", ["--checkpoint", str(good), img, "--out", str(tmp), "--set", bad_lr], "train.lr"),
+        ("visualize", ["rpe", "--checkpoint", str(good), "--set", bad_lr, "--out", str(tmp)], "train.lr"),
+        ("check_data", ["--config", "demo", bad_lr], "train.lr"),
+        ("demo", ["--data-root", str(tmp / "data"), bad_lr], "train.lr"),
+        ("pretrain_backbone", ["--config", "demo", "--out", str(tmp / "b.pth"), bad_lr], "train.lr"),
+        ("train", ["--config", "demo", "model.rpe=rpe-2.0-spiral-ctx-1-k"], "unknown method 'spiral'"),
+        # a corrupt checkpoint
+        ("eval", ["--checkpoint", str(corrupt)], "corrupt or truncated"),
+        ("predict", ["--checkpoint", str(corrupt), img, "--out", str(tmp)], "corrupt or truncated"),
+        ("visualize", ["attention", "--checkpoint", str(corrupt), "--val", "1", "--out", str(tmp)],
+         "corrupt or truncated"),
+        ("train", [*tiny_overrides(tmp / "run"), f"train.pretrained={corrupt}"], "corrupt or truncated"),
+        ("train", ["--resume", str(corrupt), *tiny_overrides(tmp / "run")], "corrupt or truncated"),
+        ("pretrain_backbone", ["--config", "demo", "--out", str(tmp / "b.pth"), *data,
+                               f"model.backbone_weights={corrupt}"], "could not be read"),
+    ]
+
+
+def test_every_tool_is_covered(corrupt, checkpoint, tmp_path):
+    named = {name.replace("_", "-") for name, _, _ in cases(corrupt, checkpoint, tmp_path)}
+    scripts = {p.stem.replace("_", "-") for p in (REPO / "tools").glob("*.py")}
+    assert named == set(COMMANDS) == scripts
+
+
+def test_bad_input_gives_one_error_line(corrupt, checkpoint, tmp_path, capsys):
+    for name, argv, names in cases(corrupt, checkpoint, tmp_path):
+        code = tool(name).main(argv)
+        out, err = capsys.readouterr()
+        where = f"tools/{name}.py {' '.join(argv)}"
+        assert code == 1, f"{where}: exit {code}\n{err}"
+        assert err.startswith("error: ") and names in err, f"{where}:\n{err}"
+        assert "Traceback" not in err + out, f"{where}:\n{err}"
+
+
+def test_a_real_interpreter_prints_no_traceback_unless_debugging(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("DETR_IRPE_DEBUG", None)
+    cmd = [sys.executable, str(REPO / "tools" / "eval.py"), "--checkpoint", str(tmp_path / "nothere.pth")]
+    plain = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    assert plain.returncode == 1 and plain.stdout == ""
+    assert plain.stderr.startswith("error: checkpoint file not found") and "Traceback" not in plain.stderr
+    debug = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, DETR_IRPE_DEBUG="1"), cwd=REPO)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "CheckpointNotFoundError" in debug.stderr
+
+
+def test_debug_flag_raises_the_error_itself(tmp_path):
+    from detr_irpe.errors import CheckpointNotFoundError
+
+    with pytest.raises(CheckpointNotFoundError):
+        tool("eval").main(["--checkpoint", str(tmp_path / "nothere.pth"), "--debug"])
+
+
+def test_console_script_names_the_same_commands():
+    from detr_irpe.apps.cli import build_parser
+
+    help_text = build_parser().format_help()
+    for name in ("train", "eval", "predict", "visualize", "check-data", "demo"):
+        assert name in help_text
