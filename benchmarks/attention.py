@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,11 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-try:
-    from detr_irpe.irpe import RPEMultiheadAttention
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from detr_irpe.irpe import RPEMultiheadAttention
+from detr_irpe.irpe import RPEMultiheadAttention
+from machine import describe, load_average
 
 D_MODEL, HEADS = 256, 8
 SPECS = ["rpe-2.0-product-ctx-1-k", "rpe-2.0-product-bias-0-k", "rpe-2.0-product-ctx-1-qkv",
@@ -286,24 +282,6 @@ def format_goals(rows: List[Row]) -> str:
     return "\n".join(lines)
 
 
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}, load average {load_average()}")
-
-
 # ----------------------------------------------------------------------------- CLI
 
 DEFAULT_CONFIGS = [(2, (25, 34)), (2, (34, 50)), (8, (25, 34))]
@@ -341,7 +319,7 @@ def main(argv=None) -> List[Row]:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# attention benchmark: {machine()}, device {device}")
+    print(f"# attention benchmark: {describe()}, device {device}")
     print(f"# d_model {D_MODEL}, {HEADS} heads, dropout {args.dropout} in fwd+bwd, "
           f"median of {reps} after {warmup} warm-up")
     variants = make_variants(args.specs, args.dropout, device)

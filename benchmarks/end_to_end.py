@@ -9,7 +9,6 @@ load change on the machine hits both alike; the ratio is measured in this one ru
 plain, iRPE, each built, warmed up and timed in turn.
 """
 import argparse
-import platform
 import statistics
 import time
 
@@ -19,6 +18,7 @@ from detr_irpe.config import TrainConfig
 from detr_irpe.engine.step import train_step
 from detr_irpe.engine.train import build_optimizer
 from detr_irpe.models import build_detr
+from machine import describe
 
 
 def sync(device):
@@ -84,7 +84,7 @@ def main(argv=None):
                 times[(name, "train")].append(t_train)
                 times[(name, "infer")].append(t_infer)
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else describe()
     print(f"DETR-{args.backbone}, batch {args.batch} at {args.size[0]}x{args.size[1]}, amp={args.amp}, {where}, torch {torch.__version__}")
     print(f"{'model':8s} {'train step (s)':>15s} {'inference img/s':>16s}")
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -108,13 +108,12 @@ def one_at_a_time(args, device):
     batch = make_batch(args.batch, tuple(args.size), device)
     steps = {"plain": [], "irpe": []}
     for name in ("plain", "irpe", "plain", "irpe"):
-        model, criterion, optimizer = build(args.backbone, None if name == "plain" else args.rpe, device)
-        step(model, criterion, optimizer, batch, args.amp)  # warm-up
-        times = [timed(lambda: step(model, criterion, optimizer, batch, args.amp), device)
-                 for _ in range(args.reps)]
+        parts = build(args.backbone, None if name == "plain" else args.rpe, device)
+        step(*parts, batch, args.amp)  # warm-up
+        times = [timed(lambda: step(*parts, batch, args.amp), device) for _ in range(args.reps)]
         steps[name].append(statistics.median(times))
         print(f"{name:6s} train step {steps[name][-1]:.3f} s  ({', '.join(f'{t:.2f}' for t in times)})", flush=True)
-        del model, criterion, optimizer
+        parts = None  # free this model before the next is built
     mean = {k: statistics.mean(v) for k, v in steps.items()}
     print(f"iRPE / plain: train step {mean['irpe'] / mean['plain']:.3f}x (means of two rounds; {args.rpe})")
     return mean

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from demo_compare import machine  # benchmarks/ is on sys.path when a script here runs
+from machine import describe  # benchmarks/ is on sys.path when a script here runs
 from detr_irpe.config import ConfigError, load_config
 from detr_irpe.engine.train import Trainer
 
@@ -48,7 +48,7 @@ def main(argv=None):
     result = {"AP": metrics.get("AP"), "AP50": metrics.get("AP50"), "AP75": metrics.get("AP75"),
               "iterations": trainer.global_step, "epochs": trainer.epoch, "seconds": round(seconds, 1),
               "command": " ".join(["python", "benchmarks/overfit_coco.py"] + (argv if argv is not None else sys.argv[1:])),
-              "rpe": cfg.model.rpe, "machine": machine()}
+              "rpe": cfg.model.rpe, "machine": describe()}
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "overfit_coco.json").write_text(json.dumps(result, indent=2))

@@ -20,8 +20,9 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import (D_MODEL, HEADS, MHA, NONE, SDPA_REFERENCE, SPECS, Variant, load_average,  # noqa: E402
-                       machine, make_inputs, make_variants, peak_memory, step_fn, time_round_robin)
+from attention import (D_MODEL, HEADS, MHA, NONE, SDPA_REFERENCE, SPECS, Variant,  # noqa: E402
+                       make_inputs, make_variants, peak_memory, step_fn, time_round_robin)
+from machine import describe, load_average  # noqa: E402
 
 CTX_K = SPECS[0]
 SIDES = [16, 32, 48, 64]
@@ -89,7 +90,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# scaling benchmark: {machine()}, device {device}")
+    print(f"# scaling benchmark: {describe()}, device {device}")
     print(f"# d_model {D_MODEL}, {HEADS} heads, batch {args.batch}, fwd+bwd, median of {reps} after 1 warm-up")
     variants = [v for v in make_variants([CTX_K], 0.0, device, references=args.sdpa) if v.name != MHA]
     results = measure(sides, args.batch, variants, reps, 1, device, memory=not args.no_memory)

@@ -109,6 +109,8 @@ class TrainConfig:
     deterministic: bool = False
     skip_nonfinite: bool = False  # skip a batch whose loss is NaN/inf instead of stopping
     log_every: int = 20
+    tensorboard: bool = False  # also write TensorBoard event files under output_dir/tensorboard
+    tensorboard_images: int = 4  # validation images drawn into TensorBoard at each evaluation
     # pretraining of a backbone without ImageNet weights (tiny) on the training split's
     # image-level labels, before DETR trains (detr_irpe.engine.pretrain; the demo does it)
     pretrain_iterations: int = 0  # 0: none
@@ -323,6 +325,7 @@ def validate(cfg: Config) -> Config:
     need(t.max_minutes is None or t.max_minutes > 0, f"train.max_minutes must be > 0 or null, got {t.max_minutes}")
     need(t.amp in ("none", "bf16", "fp16"), f"train.amp must be none, bf16 or fp16, got {t.amp!r}")
     need(t.keep_last >= 0, f"train.keep_last must be >= 0, got {t.keep_last}")
+    need(t.tensorboard_images >= 0, f"train.tensorboard_images must be >= 0, got {t.tensorboard_images}")
     need(t.max_iters_per_epoch is None or t.max_iters_per_epoch > 0,
          f"train.max_iters_per_epoch must be > 0 or null, got {t.max_iters_per_epoch}")
     need(d.max_size > 0 and d.eval_size > 0, "data.max_size and data.eval_size must be > 0")

@@ -8,10 +8,29 @@ from engine_helpers import COCO, run_tool, tiny_overrides
 from detr_irpe.evaluation import METRIC_NAMES
 
 
+def check_tensorboard_events(folder):
+    """The event file, read back by tensorboard's own reader, holds every loss term and the lr per
+    logged iteration, the 12 COCO numbers and the validation pictures."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_ce", "train/loss_bbox", "train/loss_giou", "train/loss_ce_0",
+            "train/class_error", "lr/transformer", "lr/backbone"} <= scalars
+    assert {f"val/{name}" for name in METRIC_NAMES} <= scalars
+    assert len(events.Scalars("train/loss_ce")) >= 2  # log_every=1: one point per iteration
+    images = events.Tags()["images"]
+    assert len(images) == 2 and all(tag.startswith("val_images/") for tag in images)
+    picture = events.Images(images[0])[0]
+    assert picture.width > picture.height > 0  # prediction | ground truth, side by side
+
+
 def test_train_resume_eval_predict(tmp_path):
     out = tmp_path / "run"
-    first = run_tool("train.py", *tiny_overrides(out, **{"train.epochs": 1}))
+    first = run_tool("train.py", *tiny_overrides(out, **{"train.epochs": 1, "train.tensorboard": "true",
+                                                         "train.tensorboard_images": 2}))
     assert "epoch 0 |" in first.stdout
+    check_tensorboard_events(out / "tensorboard")
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and set(ckpt) >= {"model", "optimizer", "lr_scheduler", "config", "rng"}
 

@@ -18,8 +18,8 @@ ALLOWED = {
     "evaluation": {"config"},
     "visualize": {"models", "data", "evaluation", "irpe", "config"},
     "interop": {"models", "irpe", "config"},
-    "engine": {"models", "data", "evaluation", "interop", "irpe", "config"},
-    "export": {"engine", "interop", "models", "data", "irpe", "config"},
+    "engine": {"visualize", "models", "data", "evaluation", "interop", "irpe", "config"},  # draws nothing itself
+    "export": {"engine", "interop", "visualize", "models", "data", "evaluation", "irpe", "config"},
     "apps": {"engine", "export", "interop", "visualize", "models", "data", "evaluation", "irpe", "config"},
     "__main__": {"apps"},
     "__init__": {"apps"},  # the lazy ``from detr_irpe import Detector``

@@ -49,13 +49,10 @@ def samples(detector: LoadedDetector, images: Sequence = (), val: Optional[int] 
     for path in paths:
         yield unique(Path(path).stem), read_rgb(path), None, detector.categories
     if val:
-        dataset = build_dataset(detector.config.data, "val", transforms=lambda image, target: (image, target))
+        dataset = build_dataset(detector.config.data, "val")
         names = {**dataset.categories, **detector.categories}  # the checkpoint's names win
         for index in range(min(val, len(dataset))):
-            image = dataset.load_image(index).as_subclass(Tensor)
-            target = dataset.load_target(index, tuple(image.shape[-2:]))
-            gt = {"boxes": target["boxes"].as_subclass(Tensor), "labels": target["labels"]}
-            stem = Path(dataset.coco.imgs[dataset.ids[index]]["file_name"]).stem
+            stem, image, gt = dataset.ground_truth_sample(index)
             yield unique(stem), image, gt, names
 
 

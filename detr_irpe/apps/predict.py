@@ -32,12 +32,11 @@ class SkippedImageWarning(UserWarning):
 def detection_records(detections: Dict[str, Tensor], threshold: float, categories: Dict[int, str]) -> List[dict]:
     """The detections scoring at least ``threshold``, best first, as
     ``{"box": [x1, y1, x2, y2], "score", "label", "name"}`` (box in the image's pixels)."""
-    keep = (detections["scores"] >= threshold).nonzero().flatten()
-    keep = keep[detections["scores"][keep].argsort(descending=True)]
-    return [{"box": [round(float(v), 2) for v in detections["boxes"][i]], "score": round(float(detections["scores"][i]), 4),
-             "label": int(detections["labels"][i]), "name": categories.get(int(detections["labels"][i]),
-                                                                            str(int(detections["labels"][i])))}
-            for i in keep.tolist()]
+    scores, labels, boxes = detections["scores"], detections["labels"], detections["boxes"]
+    keep = (scores >= threshold).nonzero().flatten()
+    keep = keep[scores[keep].argsort(descending=True)].tolist()
+    return [{"box": boxes[i].tolist(), "score": float(scores[i]), "label": int(labels[i]),
+             "name": categories.get(int(labels[i]), str(int(labels[i])))} for i in keep]
 
 
 def expand_inputs(inputs) -> List[Path]:

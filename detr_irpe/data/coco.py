@@ -220,6 +220,14 @@ class CocoDetection(torch.utils.data.Dataset):
             "orig_size": torch.tensor([h, w], dtype=torch.int64),
         }
 
+    def ground_truth_sample(self, index: int) -> Tuple[str, Tensor, Dict[str, Tensor]]:
+        """Item ``index`` as stored, for pictures: ``(file stem, (3, H, W) uint8 image,
+        {"boxes": (N, 4) absolute xyxy, "labels": (N,)})``."""
+        image = self.load_image(index).as_subclass(Tensor)
+        target = self.load_target(index, tuple(image.shape[-2:]))
+        stem = Path(self.coco.imgs[self.ids[index]]["file_name"]).stem
+        return stem, image, {"boxes": target["boxes"].as_subclass(Tensor), "labels": target["labels"]}
+
     def describe_item(self, index: int) -> str:
         """``item 3 (image id 42, file /data/x.jpg)``: for messages about a failed item."""
         try:

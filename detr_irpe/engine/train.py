@@ -21,6 +21,7 @@ from .evaluate import evaluate
 from .logger import JsonlWriter, MetricLogger
 from .state import CheckpointKeeper, capture_rng, restore_rng
 from .step import to_device, train_step
+from .tensorboard import TensorBoardWriter, validation_pictures
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -136,6 +137,7 @@ class Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.keeper = CheckpointKeeper(self.output_dir, keep_last=t.keep_last)
         self.log = JsonlWriter(self.output_dir / "log.jsonl", enabled=du.is_main_process())
+        self.tensorboard = TensorBoardWriter(self.output_dir / "tensorboard", enabled=t.tensorboard and du.is_main_process())
         if du.is_main_process():
             save_config(cfg, self.output_dir / "config.yaml")
 
@@ -250,6 +252,11 @@ class Trainer:
                 out_of_time = True
                 break
             if self.global_step % max(t.log_every, 1) == 0 or self.step_in_epoch == total:
+                losses = {k: float(v) for k, v in logged.items()}
+                if result.loss is not None:
+                    losses["loss"] = result.loss
+                self.tensorboard.training(losses, {g.get("name", str(i)): g["lr"] for i, g in
+                                                   enumerate(self.optimizer.param_groups)}, self.global_step)
                 recent = metrics.recent("loss", "class_error")
                 bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()},
                                 refresh=False)
@@ -287,6 +294,7 @@ class Trainer:
                     self.save()
                     self._say(f"stopped at epoch {self.epoch}, iteration {self.step_in_epoch}; "
                               f"checkpoint saved to {self.keeper.latest}. Continue with --resume {self.keeper.latest}")
+                    self.tensorboard.close()
                     return {"stopped": True, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
                 finished = self.epoch
                 self.epoch += 1
@@ -300,6 +308,10 @@ class Trainer:
                 is_best = False
                 if (t.eval_every and self.epoch % t.eval_every == 0) or self.epoch == t.epochs or out_of_time:
                     last_eval = self.evaluate(table=self.epoch == t.epochs or out_of_time)
+                    if self.tensorboard.writer is not None:
+                        pictures = validation_pictures(self.model, self.postprocessor, self.val_set, self.cfg.data,
+                                                       t.tensorboard_images, self.device)
+                        self.tensorboard.evaluation(last_eval, pictures, self.global_step)
                     record.update({f"val_{k}": v for k, v in last_eval.items() if isinstance(v, (int, float))})
                     ap = last_eval.get("AP", -1.0)
                     is_best = ap > self.best_ap
@@ -312,6 +324,7 @@ class Trainer:
                     self._say(f"train.max_minutes={t.max_minutes:g} spent: stopped after {self.global_step} iterations "
                               f"(epoch {finished} cut short at iteration {stats['iterations']})")
                     break
+        self.tensorboard.close()
         du.cleanup_distributed()
         return last_eval
 

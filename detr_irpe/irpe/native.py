@@ -46,18 +46,37 @@ class _State:
     error: Optional[str] = None
 
 
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
+    "avx2": ["-mavx2", "-mfma"],
+    "x86": [],
+}
+ISA_SWITCH = "DETR_IRPE_NATIVE_ISA"  # build for a lower level than the CPU has (to measure that path)
+
+
+def instruction_set() -> str:
+    """The instruction-set level the kernel is built for: ``avx512``, ``avx2`` or ``x86`` (what the
+    CPU supports, or the lower level that ``DETR_IRPE_NATIVE_ISA`` asks for), else the machine name."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return platform.machine().lower() or "cpu"
+    capability = torch.backends.cpu.get_cpu_capability()
+    level = "avx512" if capability.startswith("AVX512") else "avx2" if capability == "AVX2" else "x86"
+    asked = os.environ.get(ISA_SWITCH, "").strip().lower()
+    if asked:
+        order = list(ISA_FLAGS)
+        if asked not in ISA_FLAGS or order.index(asked) < order.index(level):
+            raise ValueError(f"{ISA_SWITCH}={asked!r}: this CPU supports {level}; choose one of "
+                             f"{', '.join(order[order.index(level):])}")
+        level = asked
+    return level
+
+
 def _compile_flags() -> Tuple[str, List[str]]:
     """A tag naming the instruction set and the flags for it (not ``-march=native``: the build
     cache may be shared by machines of one instruction-set level that differ otherwise)."""
     flags = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP code inlined from torch's headers
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return platform.machine().lower() or "cpu", flags
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability.startswith("AVX512"):
-        return "avx512", flags + ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"]
-    if capability == "AVX2":
-        return "avx2", flags + ["-mavx2", "-mfma"]
-    return "x86", flags
+    tag = instruction_set()
+    return tag, flags + ISA_FLAGS.get(tag, [])
 
 
 def load():
@@ -80,8 +99,8 @@ def unavailable_reason() -> Optional[str]:
 
 
 def _build():
-    tag, flags = _compile_flags()
     try:
+        tag, flags = _compile_flags()
         # importing cpp_extension logs a warning about CUDA_HOME on machines without CUDA
         cpp_logger = logging.getLogger("torch.utils.cpp_extension")
         level = cpp_logger.level
