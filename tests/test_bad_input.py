@@ -21,10 +21,11 @@ from detr_irpe.data import AnnotationError, CocoDetection, DatasetNotFoundError,
 from detr_irpe.data.check import check_dataset
 from detr_irpe.data.errors import DataItemError, DataLoaderWorkerError
 from detr_irpe.data.validate import validate_coco_dict
-from detr_irpe.engine.inference import load_detector
 from detr_irpe.apps.predict import SkippedImageWarning, predict_images
 from detr_irpe.data.images import read_rgb
+from detr_irpe.engine.inference import load_detector
 from detr_irpe.models import build_detr
+from helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 COCO = REPO / "tests" / "data" / "coco"
@@ -358,8 +359,6 @@ def test_killed_worker_names_its_item(busy_main):
 
 # --- images at predict time -------------------------------------------------------------------------
 
-TINY = dict(backbone="tiny", backbone_weights="none", hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1,
-            dim_feedforward=64, num_queries=5, num_classes=4)
 EVAL_SIZE, MAX_SIZE = 64, 96
 
 

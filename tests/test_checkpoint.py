@@ -8,9 +8,8 @@ import torch
 from detr_irpe.engine.checkpoint import (CheckpointError, load_checkpoint_file, load_for_finetuning,
                                          load_model_weights, state_dict_from_checkpoint)
 from detr_irpe.models import build_detr
+from helpers import TINY
 
-TINY = dict(backbone="tiny", backbone_weights="none", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
-            dim_feedforward=64, num_queries=5, num_classes=4)
 RPE = "rpe-2.0-product-ctx-1-k"
 
 

@@ -1,6 +1,5 @@
 """Every tool fails cleanly: a missing file, a malformed config value and a corrupt checkpoint give
 one ``error:`` line and exit code 1, never a traceback (unless ``--debug`` / DETR_IRPE_DEBUG=1)."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,15 +7,8 @@ import sys
 import pytest
 import torch
 
-from engine_helpers import COCO, REPO, tiny_overrides
+from helpers import COCO, REPO, tiny_overrides, tool
 from detr_irpe.apps.cli import COMMANDS
-
-
-def tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +16,6 @@ def corrupt(tmp_path_factory):
     path = tmp_path_factory.mktemp("corrupt") / "cut.pth"
     torch.save({"model": {"w": torch.zeros(1000)}}, path)
     path.write_bytes(path.read_bytes()[:300])
-    return path
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from detr_irpe.config import load_config
-    from detr_irpe.models import build_detr
-
-    cfg = load_config("demo", ["model.hidden_dim=32", "model.dim_feedforward=64", "model.enc_layers=1",
-                               "model.dec_layers=1"])
-    path = tmp_path_factory.mktemp("good") / "tiny.pth"
-    torch.save({"model": build_detr(cfg.model)[0].state_dict(), "config": cfg.to_dict()}, path)
     return path
 
 
@@ -79,14 +59,14 @@ def cases(corrupt, good, tmp):
     ]
 
 
-def test_every_tool_is_covered(corrupt, checkpoint, tmp_path):
-    named = {name.replace("_", "-") for name, _, _ in cases(corrupt, checkpoint, tmp_path)}
+def test_every_tool_is_covered(corrupt, tiny_checkpoint, tmp_path):
+    named = {name.replace("_", "-") for name, _, _ in cases(corrupt, tiny_checkpoint, tmp_path)}
     scripts = {p.stem.replace("_", "-") for p in (REPO / "tools").glob("*.py")}
     assert named == set(COMMANDS) == scripts
 
 
-def test_bad_input_gives_one_error_line(corrupt, checkpoint, tmp_path, capsys):
-    for name, argv, names in cases(corrupt, checkpoint, tmp_path):
+def test_bad_input_gives_one_error_line(corrupt, tiny_checkpoint, tmp_path, capsys):
+    for name, argv, names in cases(corrupt, tiny_checkpoint, tmp_path):
         code = tool(name).main(argv)
         out, err = capsys.readouterr()
         where = f"tools/{name}.py {' '.join(argv)}"
@@ -95,22 +75,24 @@ def test_bad_input_gives_one_error_line(corrupt, checkpoint, tmp_path, capsys):
         assert "Traceback" not in err + out, f"{where}:\n{err}"
 
 
-def test_a_real_interpreter_prints_no_traceback_unless_debugging(tmp_path):
+def test_a_real_interpreter_prints_one_line_and_exits_1(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("DETR_IRPE_DEBUG", None)
     cmd = [sys.executable, str(REPO / "tools" / "eval.py"), "--checkpoint", str(tmp_path / "nothere.pth")]
     plain = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     assert plain.returncode == 1 and plain.stdout == ""
-    assert plain.stderr.startswith("error: checkpoint file not found") and "Traceback" not in plain.stderr
-    debug = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, DETR_IRPE_DEBUG="1"), cwd=REPO)
-    assert debug.returncode == 1 and "Traceback" in debug.stderr and "CheckpointNotFoundError" in debug.stderr
+    assert plain.stderr.startswith("error: checkpoint file not found") and len(plain.stderr.splitlines()) == 1
 
 
-def test_debug_flag_raises_the_error_itself(tmp_path):
+def test_debugging_raises_the_error_itself(tmp_path, monkeypatch):
     from detr_irpe.errors import CheckpointNotFoundError
 
+    argv = ["--checkpoint", str(tmp_path / "nothere.pth")]
     with pytest.raises(CheckpointNotFoundError):
-        tool("eval").main(["--checkpoint", str(tmp_path / "nothere.pth"), "--debug"])
+        tool("eval").main(argv + ["--debug"])
+    monkeypatch.setenv("DETR_IRPE_DEBUG", "1")
+    with pytest.raises(CheckpointNotFoundError):
+        tool("eval").main(argv)
 
 
 def test_console_script_names_the_same_commands():

@@ -3,8 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from detr_irpe.models import DegenerateBoxError, HungarianMatcher, SetCriterion, build_detr, detr_weight_dict
 
@@ -172,27 +170,3 @@ def test_out_of_range_labels_are_reported():
     targets[0]["labels"] = torch.tensor([NUM_CLASSES])
     with pytest.raises(ValueError, match=r"labels of image 0 in the batch are \[2\].*\[0, 2\)"):
         make_criterion()(outputs, targets)
-
-
-def _distributed_num_boxes(rank, world_size, init_file, results):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        outputs, targets = one_image_example()
-        if rank == 0:  # rank 0 sees 3 target boxes, rank 1 sees 1: each normalises by the mean, 2
-            targets = [{"labels": torch.tensor([0, 1, 1]),
-                        "boxes": torch.tensor([[0.6, 0.55, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1], [0.8, 0.8, 0.1, 0.1]])}]
-        losses = make_criterion()(outputs, targets)
-        indices = HungarianMatcher()(outputs, targets)[0]
-        l1 = (outputs["pred_boxes"][0, indices[0]] - targets[0]["boxes"][indices[1]]).abs().sum()
-        results[rank] = (losses["loss_bbox"].item(), l1.item() / 2)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_num_boxes_is_averaged_over_processes(tmp_path):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_distributed_num_boxes, args=(2, str(tmp_path / "init"), results), nprocs=2)
-        for rank in (0, 1):
-            got, expected = results[rank]
-            assert got == pytest.approx(expected, rel=1e-6)

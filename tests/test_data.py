@@ -244,36 +244,6 @@ def test_custom_dataset_through_config(tmp_path):
     assert len(ds) == len(data["images"]) and ds.num_classes == 91
 
 
-def _ddp_loader_worker(rank, world_size, init_file, out_dir):
-    import torch.distributed as dist
-
-    from detr_irpe.data import set_epoch
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        cfg = DataConfig(root=str(COCO_ROOT), eval_size=64, max_size=100, train_scales=[64], crop_resize=[])
-        val = build_dataloader(build_dataset(cfg, "val"), batch_size=2, train=False)
-        train = build_dataloader(build_dataset(cfg, "train"), batch_size=1, train=True)
-        orders = []
-        for epoch in range(2):
-            set_epoch(train, epoch)
-            orders.append([int(t["image_id"]) for _, _, ts in train for t in ts])
-        result = {"val": [int(t["image_id"]) for _, _, ts in val for t in ts], "train": orders}
-        (Path(out_dir) / f"{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_dataloader_shards_under_ddp(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_loader_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
-    assert sorted(r0["val"] + r1["val"]) == dataset("val").ids  # 6 images, 3 per process
-    assert set(r0["train"][0]).isdisjoint(r1["train"][0]) and len(r0["train"][0]) == 3
-    assert r0["train"][0] != r0["train"][1] or r1["train"][0] != r1["train"][1]  # reshuffled per epoch
-
-
 def test_batches_resume_mid_epoch_and_ignore_worker_count():
     from detr_irpe.data import set_epoch
 

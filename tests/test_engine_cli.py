@@ -1,10 +1,13 @@
-"""tools/train.py, --resume, tools/eval.py, tools/predict.py and torchrun, on the real COCO images in tests/data."""
+"""tools/train.py, --resume, tools/eval.py, tools/predict.py and torchrun, on the real COCO images in tests/data.
+
+Training runs in its own interpreter, as a user runs it (it sets process-wide state such as
+deterministic algorithms and signal handlers); evaluation and prediction run in this one."""
 import json
 
 import pytest
 import torch
 
-from engine_helpers import COCO, run_tool, tiny_overrides
+from helpers import COCO, run_tool, tiny_overrides, tool
 from detr_irpe.evaluation import METRIC_NAMES
 
 
@@ -47,15 +50,16 @@ def test_train_resume_eval_predict(tmp_path):
     assert (out / "metrics.json").is_file() and (out / "detections.json").is_file()
 
     ev = tmp_path / "eval"
-    run_tool("eval.py", "--checkpoint", out / "checkpoint.pth", "--data-root", COCO, "--output-dir", ev)
+    assert tool("eval").main(["--checkpoint", str(out / "checkpoint.pth"), "--data-root", str(COCO),
+                              "--output-dir", str(ev)]) == 0
     metrics = json.loads((ev / "metrics.json").read_text())
     assert set(METRIC_NAMES) <= set(metrics)
     detections = json.loads((ev / "detections.json").read_text())
     assert {d["image_id"] for d in detections} <= {int(p.stem) for p in (COCO / "val2017").glob("*.jpg")}
 
     pred = tmp_path / "pred"
-    run_tool("predict.py", "--checkpoint", out / "checkpoint.pth", COCO / "val2017", "--out", pred,
-             "--threshold", "0.0")
+    assert tool("predict").main(["--checkpoint", str(out / "checkpoint.pth"), str(COCO / "val2017"), "--out",
+                                 str(pred), "--threshold", "0.0"]) == 0
     pngs = sorted(pred.glob("*.png"))
     assert len(pngs) == 6 and all(p.stat().st_size > 1000 for p in pngs)
     results = json.loads((pred / "detections.json").read_text())

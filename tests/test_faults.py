@@ -5,7 +5,7 @@ import signal
 import pytest
 import torch
 
-from engine_helpers import tiny_overrides
+from helpers import tiny_overrides
 from detr_irpe.config import load_config
 from detr_irpe.engine.checkpoint import load_checkpoint_file
 from detr_irpe.engine.state import CheckpointKeeper, atomic_save

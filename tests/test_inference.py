@@ -4,7 +4,7 @@ import argparse
 import pytest
 import torch
 
-from engine_helpers import tiny_overrides
+from helpers import tiny_overrides
 from detr_irpe.config import Config, load_config
 from detr_irpe.engine.inference import config_for_checkpoint, load_detector
 from detr_irpe.engine.train import Trainer

@@ -8,6 +8,7 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from detr_irpe.irpe import BucketCache, RPEConfig, RPEMultiheadAttention
+from helpers import randomize_tables
 from irpe_reference import attention_ref
 
 RPE_ON = ["q", "k", "v", "qk", "kv", "qv", "qkv"]
@@ -17,13 +18,6 @@ COMBOS = [
                                                       RPE_ON, [True, False])
     if not (mode == "bias" and "v" in on)
 ]
-
-
-def randomize_tables(module, generator):
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lookup_table" in name:
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
 
 
 def make_inputs(hw, skip, batch=2, channels=16, dtype=torch.float64, seed=0):

@@ -11,9 +11,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from detr_irpe.config import Config, ModelConfig
 from detr_irpe.models import (PositionEmbeddingLearned, PositionEmbeddingSine, PostProcess, Transformer,
                               build_backbone, build_detr)
+from helpers import TINY
 
-TINY = dict(backbone="tiny", backbone_weights="none", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
-            dim_feedforward=64, num_queries=5, num_classes=4)
 SMALL_R18 = dict(backbone="resnet18", backbone_weights="none", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2,
                  dim_feedforward=128, num_queries=10, num_classes=5)
 RPE = "rpe-2.0-product-ctx-1-k"

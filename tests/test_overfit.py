@@ -9,7 +9,7 @@ from detr_irpe.data import build_train_val_datasets, collate_fn
 from detr_irpe.engine.step import train_step
 from detr_irpe.engine.train import build_optimizer
 from detr_irpe.models import build_detr
-from engine_helpers import COCO, REPO
+from helpers import COCO, REPO
 
 ITERATIONS = 60
 

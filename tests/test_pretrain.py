@@ -6,7 +6,7 @@ import torch
 from detr_irpe.config import load_config
 from detr_irpe.engine.pretrain import ImageLabelClassifier, image_labels, pretrain_backbone
 from detr_irpe.models import build_backbone, build_detr
-from engine_helpers import COCO, REPO, run_tool, tiny_overrides
+from helpers import COCO, REPO, run_tool, tiny_overrides
 
 
 def _cfg(tmp_path, **extra):

@@ -1,5 +1,4 @@
 """Pictures: boxes beside the ground truth, attention maps, iRPE tables, training curves; their CLIs."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,51 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from detr_irpe.config import Config, DataConfig, ModelConfig
 from detr_irpe.data import ensure_synthetic_dataset
 from detr_irpe.irpe import bucket_ids_2d
-from detr_irpe.models import build_detr
 from detr_irpe.visualize import draw_detections, side_by_side  # the import other modules rely on
 from detr_irpe.visualize.attention import attention_to_image, pixel_to_cell
 from detr_irpe.visualize.boxes import TITLE_HEIGHT
 from detr_irpe.visualize.curves import run_names, series
 from detr_irpe.visualize.rpe_tables import NoRPEError, capture_token, plot_rpe_tables, table_views
+from helpers import COCO, CTX, TINY, save_tiny_checkpoint, tiny_model, tool
 
-ROOT = Path(__file__).resolve().parents[1]
-COCO = ROOT / "tests" / "data" / "coco"
-TINY = dict(backbone="tiny", backbone_weights="none", hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1,
-            dim_feedforward=64, num_queries=5, num_classes=4)
-CTX = "rpe-2.0-product-ctx-1-k"
 GAP = 8  # side_by_side's default gap
-
-
-def tool(name):
-    """``tools/<name>.py`` as a module (its ``main(argv)`` runs in this process)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def tiny_model(rpe=CTX, seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = build_detr(**{**TINY, "rpe": rpe, **overrides})[0].eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lookup_table" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-    return model
-
-
-def save_checkpoint(path, rpe=CTX, **data):
-    model = tiny_model(rpe)
-    data = {"root": str(COCO), "val_images": "val2017", "val_annotations": "annotations/instances_val2017.json",
-            "eval_size": 128, "max_size": 192, **data}
-    cfg = Config(model=ModelConfig(**{**TINY, "rpe": rpe}), data=DataConfig(**data))
-    torch.save({"model": model.state_dict(), "config": cfg.to_dict(),
-                "categories": {1: "person", 2: "bicycle", 3: "car"}}, path)
-    return path
 
 
 def coco_sizes():
@@ -77,8 +41,8 @@ def pixels(path):
 
 
 @pytest.fixture(scope="module")
-def ctx_checkpoint(tmp_path_factory):
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ctx.pth")
+def ctx_checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 # -- boxes ------------------------------------------------------------------------------------
@@ -182,7 +146,7 @@ def test_product_grid_places_each_offset_at_its_row_and_column():
         table.lookup_table_bias.zero_()
         table.lookup_table_bias[1, ids[i, j]] = 7.0
     (view,) = table_views(model)
-    assert view.quantity == "bias" and view.values.shape == (2, 81)
+    assert view.quantity == "bias" and view.values.shape == (TINY["nheads"], 81)
     grid = view.values[1].reshape(9, 9)
     assert grid[1 + 4, -2 + 4] == 7.0 and grid.sum() == 7.0  # centre (4, 4) is offset 0
 
@@ -217,7 +181,7 @@ def fails_with(capsys, message, name, argv):
 
 
 def test_rpe_without_irpe_is_a_clear_error(tmp_path, capsys):
-    checkpoint = save_checkpoint(tmp_path / "plain.pth", rpe=None)
+    checkpoint = save_tiny_checkpoint(tmp_path / "plain.pth", rpe=None)
     with pytest.raises(NoRPEError, match="no iRPE"):
         table_views(tiny_model(None))
     fails_with(capsys, "no iRPE", "visualize", ["rpe", "--checkpoint", str(checkpoint), "--out", str(tmp_path)])

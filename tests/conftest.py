@@ -1,0 +1,26 @@
+"""Fixtures shared by the test files (helpers without fixtures are in helpers.py)."""
+import os
+
+import pytest
+import torch
+
+from helpers import save_tiny_checkpoint
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each
+        torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def irpe_kernel():
+    """The compiled iRPE kernel, built (or loaded from the cache) once before any test uses it."""
+    from detr_irpe.irpe import native
+
+    return native.load()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A checkpoint of the tiny DETR-iRPE (random tables), its config pointing at tests/data's val images."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pth")

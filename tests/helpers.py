@@ -1,0 +1,84 @@
+"""What the tests share: the tiny model every test builds, a checkpoint of it, the real COCO images
+in tests/data, and running the tools in-process or as a user does. Fixtures are in conftest.py."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+COCO = REPO / "tests" / "data" / "coco"
+VAL_DATA = {"root": str(COCO), "val_images": "val2017", "val_annotations": "annotations/instances_val2017.json"}
+# The model of the unit tests: a tiny backbone, d_model 32, one encoder and two decoder layers.
+TINY = dict(backbone="tiny", backbone_weights="none", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
+            dim_feedforward=64, num_queries=5, num_classes=4)
+CTX = "rpe-2.0-product-ctx-1-k"
+
+
+def randomize_tables(module, generator=None):
+    """Random iRPE lookup tables (they start at zero, which would hide a wrong mapping)."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lookup_table" in name:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+def tiny_model(rpe=CTX, seed=0, **overrides):
+    """The tiny DETR (iRPE tables random), in eval mode."""
+    from detr_irpe.models import build_detr
+
+    torch.manual_seed(seed)
+    model = build_detr(**{**TINY, "rpe": rpe, **overrides})[0].eval()
+    randomize_tables(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+def save_tiny_checkpoint(path, rpe=CTX, categories=None, model=None, **data):
+    """Our checkpoint format (model, config, class names) of the tiny model, its config pointing
+    at the COCO val images of tests/data (``data`` overrides the data config)."""
+    from detr_irpe.config import Config, DataConfig, ModelConfig
+
+    model = model if model is not None else tiny_model(rpe)
+    cfg = Config(model=ModelConfig(**{**TINY, "rpe": rpe}),
+                 data=DataConfig(**{**VAL_DATA, "eval_size": 128, "max_size": 192, **data}))
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(),
+                "categories": categories or {1: "person", 2: "bicycle", 3: "car"}}, path)
+    return path
+
+
+def tool(name):
+    """``tools/<name>.py`` as a module: its ``main(argv)`` runs in this process, returns the exit code."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_overrides(output_dir, **extra) -> list:
+    """key=value overrides for a model that trains a few iterations in seconds on CPU."""
+    values = {
+        "data.root": str(COCO),
+        "data.train_scales": "[96, 128]", "data.max_size": 160, "data.eval_size": 128,
+        "data.crop_resize": "[96]", "data.crop_min": 64, "data.crop_max": 96, "data.num_workers": 0,
+        "model.backbone": "tiny", "model.backbone_weights": "none", "model.hidden_dim": 32, "model.nheads": 2,
+        "model.enc_layers": 1, "model.dec_layers": 2, "model.dim_feedforward": 64, "model.num_queries": 6,
+        "model.rpe": "rpe-2.0-product-ctx-1-k", "model.num_classes": 91,
+        "train.output_dir": str(output_dir), "train.epochs": 2, "train.batch_size": 2, "train.lr": 1e-3,
+        "train.lr_drop": 1, "train.log_every": 1, "train.seed": 7, "train.deterministic": "true",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_tool(script: str, *args, timeout: int = 300, extra_env=None) -> subprocess.CompletedProcess:
+    """Run ``tools/<script>`` (or a module via ``-m``) the way a user does; fails with its output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(extra_env or {}))
+    cmd = [sys.executable] + (list(script) if isinstance(script, (list, tuple)) else [str(REPO / "tools" / script)])
+    proc = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
