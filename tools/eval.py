@@ -14,7 +14,8 @@ from detr_irpe.engine.evaluate import evaluate_checkpoint
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file or http(s) URL")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint file (.pth, .safetensors), Hugging Face folder or hub id, or http(s) URL")
     parser.add_argument("--config", help="YAML config; default: the one stored in the checkpoint")
     parser.add_argument("--data-root", help="dataset root (data.root)")
     parser.add_argument("--output-dir", help="where detections.json and metrics.json go")

@@ -12,7 +12,8 @@ from detr_irpe.engine.predict import predict_path
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file or http(s) URL")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint file (.pth, .safetensors), Hugging Face folder or hub id, or http(s) URL")
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--out", required=True, help="output folder for PNGs and detections.json")
     parser.add_argument("--threshold", type=float, default=0.7, help="minimum score to keep a box")

@@ -24,7 +24,8 @@ def _layer(text):
 
 
 def _model_args(parser, images=True):
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file or http(s) URL")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint file (.pth, .safetensors), Hugging Face folder or hub id, or http(s) URL")
     parser.add_argument("--config", help="YAML config; default: the one stored in the checkpoint")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--device", default="auto")
