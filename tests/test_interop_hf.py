@@ -44,6 +44,16 @@ EXPECTED = {"timm": ("resnet18", False, "learned"), "native": ("resnet18", False
 KINDS = list(BACKBONES)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: a second thread saves little and, on a busy machine, its waits at
+    every parallel region cost far more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomise_(model: torch.nn.Module, seed: int) -> None:
     """Weights that make every tensor count: He-initialised convolutions, batch norm with its own
     statistics and affine terms, non-zero biases, layer norms that are not the identity."""
