@@ -106,6 +106,7 @@ class TrainConfig:
     pretrained: Optional[str] = None  # checkpoint to start from (fine-tuning)
     max_iters_per_epoch: Optional[int] = None  # cap for quick runs
     keep_last: int = 3  # rolling checkpoints kept besides checkpoint.pth and the best
+    save_safetensors: bool = False  # also the model weights as <checkpoint>.safetensors beside each .pth
     deterministic: bool = False
     skip_nonfinite: bool = False  # skip a batch whose loss is NaN/inf instead of stopping
     log_every: int = 20

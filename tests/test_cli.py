@@ -36,6 +36,7 @@ def cases(corrupt, good, tmp):
         ("demo", ["--config", "nothere.yaml", "--data-root", str(tmp / "data")], "config file not found"),
         ("pretrain_backbone", ["--config", "nothere.yaml", "--out", str(tmp / "b.pth")], "config file not found"),
         ("plot_logs", [str(tmp / "log.jsonl"), "--out", str(tmp / "c.png")], "no such log file"),
+        ("convert_checkpoint", ["--to", "ours", "nothere.pth", str(tmp / "x.pth")], "checkpoint file not found"),
         ("eval", ["--checkpoint", str(corrupt), "--data-root", str(tmp / "nowhere")], "corrupt or truncated"),
         ("train", ["--config", "demo", *data, "data.train_annotations=nothere.json"], "not found"),
         # a malformed config value
@@ -49,6 +50,7 @@ def cases(corrupt, good, tmp):
         ("train", ["--config", "demo", "model.rpe=rpe-2.0-spiral-ctx-1-k"], "unknown method 'spiral'"),
         # a corrupt checkpoint
         ("eval", ["--checkpoint", str(corrupt)], "corrupt or truncated"),
+        ("convert_checkpoint", ["--to", "hf", str(corrupt), str(tmp / "hf")], "corrupt or truncated"),
         ("predict", ["--checkpoint", str(corrupt), img, "--out", str(tmp)], "corrupt or truncated"),
         ("visualize", ["attention", "--checkpoint", str(corrupt), "--val", "1", "--out", str(tmp)],
          "corrupt or truncated"),

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from detr_irpe.engine.checkpoint import load_checkpoint_file
 from helpers import COCO, run_tool, tiny_overrides, tool
 from detr_irpe.evaluation import METRIC_NAMES
 
@@ -31,9 +32,14 @@ def check_tensorboard_events(folder):
 def test_train_resume_eval_predict(tmp_path):
     out = tmp_path / "run"
     first = run_tool("train.py", *tiny_overrides(out, **{"train.epochs": 1, "train.tensorboard": "true",
-                                                         "train.tensorboard_images": 2}))
+                                                         "train.tensorboard_images": 2, "train.save_safetensors": "true"}))
     assert "epoch 0 |" in first.stdout
     check_tensorboard_events(out / "tensorboard")
+    weights = load_checkpoint_file(out / "checkpoint.safetensors")  # beside each .pth: the model, config, names
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert weights["config"] == saved["config"] and weights["model"].keys() == saved["model"].keys()
+    assert all(torch.equal(weights["model"][k], v) for k, v in saved["model"].items())
+    assert (out / "checkpoint_epoch0001.safetensors").is_file()
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and set(ckpt) >= {"model", "optimizer", "lr_scheduler", "config", "rng"}
 

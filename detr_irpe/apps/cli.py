@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from ..config import load_config, validate
 from ..data.check import check_config_data, check_config_splits, check_dataset, report_and_exit_code
+from ..engine.convert import FORMATS, convert_checkpoint
 from ..engine.evaluate import evaluate_checkpoint
 from ..engine.pretrain import pretrain_backbone
 from ..engine.train import train
@@ -266,6 +267,23 @@ def _demo(args) -> int:
     return 0
 
 
+# -- convert ------------------------------------------------------------------------------------
+
+def _convert_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--to", required=True, choices=FORMATS,
+                   help="hf: folder for transformers' from_pretrained; ours: .pth; safetensors: .safetensors")
+    p.add_argument("--hf-backbone", choices=("native", "timm"),
+                   help="--to hf: transformers' own ResNet (default; loads without timm) or timm's "
+                        "(the default for DC5, which transformers dilates only with timm)")
+    p.add_argument("src", help="checkpoint: .pth or .safetensors file, Hugging Face folder or hub id, or http(s) URL")
+    p.add_argument("out", help="output file (ours, safetensors) or folder (hf)")
+
+
+def _convert(args) -> int:
+    print(f"wrote {convert_checkpoint(args.src, args.out, args.to, args.hf_backbone)}")
+    return 0
+
+
 # -- the console script -------------------------------------------------------------------------
 
 # name -> (help, add arguments, run)
@@ -281,6 +299,8 @@ COMMANDS: Dict[str, tuple] = {
     "demo": ("the CPU demo: synthetic shapes, training, COCO mAP, pictures", _demo_parser, _demo),
     "pretrain-backbone": ("pretrain the tiny backbone on image-level labels", _pretrain_parser, _pretrain),
     "plot-logs": ("training curves of log.jsonl files in one PNG", _curves_parser, _plot_logs),
+    "convert-checkpoint": ("convert a checkpoint: ours (.pth), .safetensors, or a Hugging Face DETR folder",
+                           _convert_parser, _convert),
 }
 
 

@@ -1,10 +1,13 @@
 """Reading checkpoint files and loading them into a model, including the official DETR and
-iRPE-DETR releases.
+iRPE-DETR releases, ``.safetensors`` files and Hugging Face ``transformers`` DETR models.
 
 Checkpoints are dicts holding the model's state dict under ``model`` and, when written by a
-training script, ``optimizer``, ``lr_scheduler``, ``epoch`` and ``args``. They are read with
-``torch.load(weights_only=True)``: tensors, plain containers and, because the DETR and iRPE
+training script, ``optimizer``, ``lr_scheduler``, ``epoch`` and ``args``. ``.pth`` files are read
+with ``torch.load(weights_only=True)``: tensors, plain containers and, because the DETR and iRPE
 training scripts store their command line that way, ``argparse.Namespace`` — no other class.
+``.safetensors`` files hold only tensors and strings and are read without unpickling anything.
+A transformers model (a folder, or a hub id) becomes the same kind of dict (``model``, ``config``,
+``categories``), see :mod:`detr_irpe.interop`.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, CheckpointNotFoundError
+from ..interop import (checkpoint_from_hf, download_from_hub, hf_weights_file, is_hf_folder, is_hub_id,
+                       load_safetensors, read_hf_config, read_safetensors_weights)
 
 # Heads whose shape depends on the dataset or the number of queries; fine-tuning may re-initialise them.
 FINETUNE_HEADS = ("class_embed", "query_embed")
@@ -64,19 +69,55 @@ class LoadReport:
 
 
 def load_checkpoint_file(path_or_url: Union[str, os.PathLike], map_location="cpu") -> dict:
-    """Read a checkpoint file (or download it first when given an http(s) URL).
+    """Read a checkpoint: a ``.pth`` file, a ``.safetensors`` file, a Hugging Face ``transformers``
+    DETR folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``), a hub id such
+    as ``facebook/detr-resnet-50`` (``@revision`` optional), or an http(s) URL of a file (downloaded
+    first).
+
+    A hub id is tried only when no local file or folder has that name; its files are fetched
+    into (or found in) the Hugging Face cache. ``.safetensors`` files and transformers models give
+    ``{"model", "config", "categories"}`` (``config`` / ``categories`` when known), with the
+    official DETR keys; ``map_location`` must then be a device name.
 
     Raises:
-        CheckpointNotFoundError: (a ``FileNotFoundError``) no such file.
+        CheckpointNotFoundError: (a ``FileNotFoundError``) no such file, or a folder without
+            ``config.json`` or without weights.
         CheckpointError: the download failed, the file is corrupt or truncated, or it needs
             code to unpickle (a class other than ``argparse.Namespace``), which
-            ``weights_only=True`` refuses.
+            ``weights_only=True`` refuses; a hub id cannot be fetched; a transformers model
+            does not map exactly onto this project's DETR (the message lists why).
     """
-    path = _download(str(path_or_url)) if _is_url(path_or_url) else Path(path_or_url).expanduser()
+    source = str(path_or_url)
+    if _is_url(path_or_url):
+        path = _download(source)
+    else:
+        path = Path(path_or_url).expanduser()
+        if is_hf_folder(path) or (not path.exists() and is_hub_id(source)):
+            return _load_hf(path if path.exists() else download_from_hub(source), source, map_location)
     if not path.is_file():
-        hint = " (it is a directory)" if path.is_dir() else ""
-        raise CheckpointNotFoundError(f"checkpoint file not found: {path}{hint}. Pass the path of a .pth file "
-                                f"or an http(s) URL to download")
+        hint = " (a folder without config.json, so not a Hugging Face model)" if path.is_dir() else ""
+        if path.is_dir() and (path / "checkpoint.pth").is_file():
+            hint += f"; the checkpoint of a training run is {path / 'checkpoint.pth'}"
+        raise CheckpointNotFoundError(f"checkpoint file not found: {path}{hint}. Pass the path of a .pth or "
+                                      f".safetensors file, a Hugging Face model folder or hub id, or an http(s) "
+                                      f"URL to download")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path, device=str(map_location))
+    return _torch_load(path, map_location)
+
+
+def _load_hf(folder: Path, source: str, map_location) -> dict:
+    """A transformers DETR folder as our checkpoint dict."""
+    weights = hf_weights_file(folder)
+    if weights.suffix == ".safetensors":
+        state = read_safetensors_weights(weights, device=str(map_location))
+    else:
+        state = state_dict_from_checkpoint(_torch_load(weights, map_location))
+    return checkpoint_from_hf(state, read_hf_config(folder), source=source)
+
+
+def _torch_load(path: Path, map_location) -> dict:
+    """``torch.load(weights_only=True)`` of a file that must hold a dict, with readable errors."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location=map_location, weights_only=True)
@@ -188,6 +229,19 @@ def _mismatch_error(missing: List[str], unexpected: List[str], mismatched: List[
         hints.append("class_embed / query_embed differ (another num_classes / num_queries): to fine-tune, "
                      "use load_for_finetuning, which re-initialises those heads")
     return CheckpointError(msg + "".join(f"\n  hint: {h}" for h in hints))
+
+
+def check_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: Optional[str] = None) -> None:
+    """Raise unless ``state_dict`` fits ``model`` as :func:`load_model_weights` with ``strict`` needs it.
+
+    Nothing is copied, so ``model`` may live on the meta device.
+
+    Raises:
+        CheckpointError: listing every missing / unexpected key and every shape mismatch.
+    """
+    missing, unexpected, mismatched = _compare(model, state_dict)
+    if missing or unexpected or mismatched:
+        raise _mismatch_error(missing, unexpected, mismatched, _what("the weights do not fit the model", source))
 
 
 def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True,

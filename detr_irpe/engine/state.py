@@ -10,6 +10,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..interop import save_safetensors
+
 
 def atomic_save(obj, path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
@@ -74,11 +76,13 @@ def _plain_to_python_state(d):
 
 class CheckpointKeeper:
     """Writes ``checkpoint.pth`` (latest), ``checkpoint_epochNNNN.pth`` (the last ``keep_last``) and
-    ``checkpoint_best.pth`` (highest AP) into ``output_dir``."""
+    ``checkpoint_best.pth`` (highest AP) into ``output_dir``; with ``safetensors``, also the model's
+    weights (with the config and class names) as a ``.safetensors`` file beside each."""
 
-    def __init__(self, output_dir, keep_last: int = 3):
+    def __init__(self, output_dir, keep_last: int = 3, safetensors: bool = False):
         self.output_dir = Path(output_dir)
         self.keep_last = keep_last
+        self.safetensors = safetensors
 
     @property
     def latest(self) -> Path:
@@ -89,12 +93,19 @@ class CheckpointKeeper:
         return self.output_dir / "checkpoint_best.pth"
 
     def save(self, state: dict, epoch_end: bool = False, is_best: bool = False) -> Path:
-        atomic_save(state, self.latest)
+        self._write(state, self.latest)
         if epoch_end and self.keep_last > 0:
-            atomic_save(state, self.output_dir / f"checkpoint_epoch{state['epoch']:04d}.pth")
+            self._write(state, self.output_dir / f"checkpoint_epoch{state['epoch']:04d}.pth")
             rolling = sorted(self.output_dir.glob("checkpoint_epoch*.pth"))
             for old in rolling[: max(len(rolling) - self.keep_last, 0)]:
                 old.unlink(missing_ok=True)
+                old.with_suffix(".safetensors").unlink(missing_ok=True)
         if is_best:
-            atomic_save(state, self.best)
+            self._write(state, self.best)
         return self.latest
+
+    def _write(self, state: dict, path: Path) -> None:
+        atomic_save(state, path)
+        if self.safetensors:
+            save_safetensors(path.with_suffix(".safetensors"), state["model"], state.get("config"),
+                             state.get("categories"))

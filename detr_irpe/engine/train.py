@@ -135,7 +135,7 @@ class Trainer:
         if du.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.keeper = CheckpointKeeper(self.output_dir, keep_last=t.keep_last)
+        self.keeper = CheckpointKeeper(self.output_dir, keep_last=t.keep_last, safetensors=t.save_safetensors)
         self.log = JsonlWriter(self.output_dir / "log.jsonl", enabled=du.is_main_process())
         self.tensorboard = TensorBoardWriter(self.output_dir / "tensorboard", enabled=t.tensorboard and du.is_main_process())
         if du.is_main_process():

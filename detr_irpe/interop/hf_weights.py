@@ -1,0 +1,254 @@
+"""State-dict keys of transformers' ``DetrForObjectDetection`` <-> the official DETR keys used here.
+
+The mapping is exact both ways: each tensor on one side becomes exactly one tensor on the other,
+except that an attention's ``q_proj`` / ``k_proj`` / ``v_proj`` weights (and biases) are
+concatenated, in that order, into ``in_proj_weight`` (``in_proj_bias``), the way
+``nn.MultiheadAttention`` stacks them, and split again on the way back. A key no rule covers is
+an error, never dropped. The one exception is batch norm's ``num_batches_tracked`` counter in
+the backbone: frozen batch norm uses no counter, and neither side's model has one.
+
+Keys are first brought to the layout of the files on the hub, which transformers 5 still writes
+(``model.backbone.conv_encoder.model.*``, ``out_proj``, ``fc1``). Also read: transformers 5's
+module names (``model.backbone.model.*``, ``o_proj``, ``mlp.fc1``, a state dict saved by hand)
+and the place transformers 4.x gave learned position embeddings
+(``model.backbone.position_embedding.*``; transformers 5 reads and writes them as
+``model.position_embedding.*``). Each version loads only its own place, so :func:`ours_to_hf`
+takes the one to write (:func:`position_embedding_prefix` tells the installed version's).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from packaging import version
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..models import build_detr
+
+HF_BACKBONE = "model.backbone.conv_encoder.model."
+OUR_BACKBONE = "backbone.0.body."
+_LISTED = 20  # keys listed per kind in error messages
+
+Rules = Sequence[Tuple[str, str]]  # (source prefix, target prefix); "{n}" stands for a layer index
+
+
+def _native_backbone_rules() -> List[Tuple[str, str]]:
+    """transformers' ResNetModel -> torchvision ResNet: stage s is layer{s+1}, layer.i is conv/bn{i+1}."""
+    rules = [("embedder.embedder.convolution.", "conv1."), ("embedder.embedder.normalization.", "bn1.")]
+    for s in range(4):
+        hf, ours = f"encoder.stages.{s}.layers.{{n}}.", f"layer{s + 1}.{{n}}."
+        rules += [(hf + "shortcut.convolution.", ours + "downsample.0."),
+                  (hf + "shortcut.normalization.", ours + "downsample.1.")]
+        rules += [(hf + f"layer.{i}.{part}.", ours + f"{short}{i + 1}.")
+                  for i in range(3) for part, short in (("convolution", "conv"), ("normalization", "bn"))]
+    return [(HF_BACKBONE + hf, OUR_BACKBONE + ours) for hf, ours in rules]
+
+
+# timm's ResNet has torchvision's module names
+BACKBONE_RULES: Dict[str, Rules] = {"timm": [(HF_BACKBONE, OUR_BACKBONE)], "native": _native_backbone_rules()}
+
+# attentions whose q/k/v projections are fused here; their out_proj maps one to one
+ATTENTIONS: Rules = [
+    ("model.encoder.layers.{n}.self_attn.", "transformer.encoder.layers.{n}.self_attn."),
+    ("model.decoder.layers.{n}.self_attn.", "transformer.decoder.layers.{n}.self_attn."),
+    ("model.decoder.layers.{n}.encoder_attn.", "transformer.decoder.layers.{n}.multihead_attn."),
+]
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+RULES: Rules = [
+    ("model.input_projection.", "input_proj."),
+    ("model.query_position_embeddings.", "query_embed."),
+    ("model.position_embedding.row_embeddings.", "backbone.1.row_embed."),
+    ("model.position_embedding.column_embeddings.", "backbone.1.col_embed."),
+    ("model.encoder.layers.{n}.self_attn_layer_norm.", "transformer.encoder.layers.{n}.norm1."),
+    ("model.encoder.layers.{n}.fc1.", "transformer.encoder.layers.{n}.linear1."),
+    ("model.encoder.layers.{n}.fc2.", "transformer.encoder.layers.{n}.linear2."),
+    ("model.encoder.layers.{n}.final_layer_norm.", "transformer.encoder.layers.{n}.norm2."),
+    ("model.decoder.layers.{n}.self_attn_layer_norm.", "transformer.decoder.layers.{n}.norm1."),
+    ("model.decoder.layers.{n}.encoder_attn_layer_norm.", "transformer.decoder.layers.{n}.norm2."),
+    ("model.decoder.layers.{n}.fc1.", "transformer.decoder.layers.{n}.linear1."),
+    ("model.decoder.layers.{n}.fc2.", "transformer.decoder.layers.{n}.linear2."),
+    ("model.decoder.layers.{n}.final_layer_norm.", "transformer.decoder.layers.{n}.norm3."),
+    ("model.decoder.layernorm.", "transformer.decoder.norm."),
+    ("class_labels_classifier.", "class_embed."),
+    ("bbox_predictor.layers.", "bbox_embed.layers."),
+] + [(hf + "out_proj.", ours + "out_proj.") for hf, ours in ATTENTIONS]
+
+POSITION_4, POSITION_5 = "model.backbone.position_embedding.", "model.position_embedding."
+# other layouts -> the hub's: (prefix, prefix) for whole keys, (infix, infix) inside the transformer
+_PREFIXES = [("model.backbone.model.", HF_BACKBONE), (POSITION_4, POSITION_5)]
+_INFIXES = [(".o_proj.", ".out_proj."), (".mlp.fc1.", ".fc1."), (".mlp.fc2.", ".fc2.")]
+
+
+def _regex(prefix: str) -> str:
+    """A regex for ``prefix`` whose "{n}" (at most one) is captured as a group of digits."""
+    return r"(\d+)".join(re.escape(part) for part in prefix.split("{n}"))
+
+
+def _rename(key: str, rules: Rules, rest: str = "(.*)") -> Optional[str]:
+    """``key`` with the first matching source prefix replaced by its target; None if no rule matches.
+
+    ``rest`` is the regex the remainder of the key must match; it is kept as it is.
+    """
+    for src, dst in rules:
+        match = re.fullmatch(_regex(src) + rest, key, flags=re.S)
+        if match:
+            *index, tail = match.groups()
+            return dst.replace("{n}", index[0] if index else "") + tail
+    return None
+
+
+def _swap(rules: Rules) -> Rules:
+    return [(dst, src) for src, dst in rules]
+
+
+def _listing(title: str, items: Sequence[str]) -> str:
+    more = f"\n    ... and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
+    return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:_LISTED]) + more
+
+
+def hub_layout(state: Mapping[str, Tensor], source: str = "checkpoint") -> Dict[str, Tensor]:
+    """``state`` with its keys in the hub's layout, backbone ``num_batches_tracked`` counters dropped."""
+    out: Dict[str, Tensor] = {}
+    clashes = []
+    for key, value in state.items():
+        new = key
+        for old, hub in _PREFIXES:
+            if new.startswith(old):
+                new = hub + new[len(old):]
+        if new.startswith(("model.encoder.", "model.decoder.")):
+            for old, hub in _INFIXES:
+                new = new.replace(old, hub)
+        if new.startswith(HF_BACKBONE) and new.endswith(".num_batches_tracked"):
+            continue
+        if new in out:
+            clashes.append(new)
+        out[new] = value
+    if clashes:
+        raise CheckpointError(f"{source}: the weights hold some tensors twice, under the names of two "
+                              f"transformers versions:" + _listing("keys given twice", sorted(clashes)))
+    return out
+
+
+def hf_to_ours(state: Mapping[str, Tensor], backbone_layout: str,
+               source: str = "checkpoint") -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """transformers DETR weights -> official-DETR keys.
+
+    Args:
+        state: a ``DetrForObjectDetection`` state dict in any layout the module docstring lists.
+        backbone_layout: ``"timm"`` or ``"native"`` (see :class:`~detr_irpe.interop.hf_config.HFBackbone`).
+
+    Returns:
+        ``(our state dict, {our key: the transformers key(s) it came from})``; the second is for
+        messages.
+
+    Raises:
+        CheckpointError: listing the keys no rule covers and attentions missing a projection.
+    """
+    rules = list(BACKBONE_RULES[backbone_layout]) + list(RULES)
+    out, origin, parts, unmapped = {}, {}, {}, []
+    for key, value in hub_layout(state, source).items():
+        fused = _rename(key, [(hf + f"{p}.", ours + f"{i}.") for hf, ours in ATTENTIONS for i, p in enumerate(_QKV)],
+                        rest="(weight|bias)")
+        if fused is not None:  # "<our attention prefix><0|1|2>.<weight|bias>"
+            prefix, index, kind = fused.rsplit(".", 2)
+            parts.setdefault(f"{prefix}.in_proj_{kind}", {})[int(index)] = (key, value)
+            continue
+        ours = _rename(key, rules)
+        if ours is None:
+            unmapped.append(key)
+            continue
+        out[ours], origin[ours] = value, key
+    incomplete = []
+    for ours, got in sorted(parts.items()):
+        if sorted(got) != [0, 1, 2]:
+            incomplete.append(f"{ours}: has only {', '.join(got[i][0] for i in sorted(got))}")
+            continue
+        shapes = [tuple(got[i][1].shape) for i in range(3)]
+        if len(set(shapes)) > 1:
+            incomplete.append(f"{ours}: q, k, v projections of shapes {shapes}")
+            continue
+        out[ours] = torch.cat([got[i][1] for i in range(3)])
+        origin[ours] = " + ".join(got[i][0] for i in range(3))
+    if unmapped or incomplete:
+        msg = f"{source}: these weights are not those of a transformers DetrForObjectDetection with a " \
+              f"{backbone_layout} ResNet backbone"
+        if unmapped:
+            msg += _listing("keys that correspond to nothing in this project's DETR", sorted(unmapped))
+        if incomplete:
+            msg += _listing("attentions without all of q_proj, k_proj, v_proj of one shape", incomplete)
+        raise CheckpointError(msg)
+    return out, origin
+
+
+def position_embedding_prefix() -> str:
+    """Where the installed transformers keeps learned position embeddings (5's place if it is not installed)."""
+    try:
+        installed = version.parse(importlib.metadata.version("transformers"))
+    except importlib.metadata.PackageNotFoundError:
+        return POSITION_5
+    return POSITION_4 if installed.major < 5 else POSITION_5
+
+
+def ours_to_hf(state: Mapping[str, Tensor], backbone_layout: str, source: str = "checkpoint",
+               position_prefix: str = POSITION_5) -> Dict[str, Tensor]:
+    """Official-DETR keys -> transformers DETR keys in the hub's layout (the inverse of :func:`hf_to_ours`).
+
+    ``in_proj_weight`` ``(3 C, C)`` / ``in_proj_bias`` ``(3 C,)`` are split into three ``(C, C)`` /
+    ``(C,)`` projections. Learned position embeddings go under ``position_prefix``
+    (``POSITION_5`` or ``POSITION_4``, see the module docstring).
+
+    Raises:
+        CheckpointError: listing the keys no rule covers (e.g. iRPE tables).
+    """
+    rules = _swap(list(BACKBONE_RULES[backbone_layout]) + list(RULES))
+    attentions = _swap(ATTENTIONS)
+    out, unmapped = {}, []
+    for key, value in state.items():
+        fused = _rename(key, [(ours + "in_proj_", hf) for ours, hf in attentions], rest="(weight|bias)")
+        if fused is not None:  # "<transformers attention prefix><weight|bias>"
+            head, kind = fused.rsplit(".", 1)
+            for name, chunk in zip(_QKV, value.chunk(3, dim=0)):
+                out[f"{head}.{name}.{kind}"] = chunk.clone()
+            continue
+        hf = _rename(key, rules)
+        if hf is None:
+            unmapped.append(key)
+        else:
+            out[position_prefix + hf[len(POSITION_5):] if hf.startswith(POSITION_5) else hf] = value
+    if unmapped:
+        raise CheckpointError(f"{source}: these tensors have no place in a transformers DETR with a {backbone_layout} "
+                              f"ResNet backbone:" + _listing("keys", sorted(unmapped)))
+    return out
+
+
+def our_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Key -> shape of the state dict of the model ``cfg`` describes (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        model, _, _ = build_detr(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_fits(state: Mapping[str, Tensor], expected: Mapping[str, Tuple[int, ...]], source: str,
+               origin: Optional[Mapping[str, str]] = None) -> None:
+    """Raise a :class:`CheckpointError` unless ``state`` has exactly the keys and shapes ``expected``.
+
+    ``origin`` maps our keys to the keys of the file they were read from, quoted in the message.
+    """
+    origin = origin or {}
+    named = lambda k: f"{k} (from {origin[k]})" if k in origin else k  # noqa: E731
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(named(k) for k in state if k not in expected)
+    mismatched = sorted(f"{named(k)}: the model has {list(expected[k])}, the weights {list(v.shape)}"
+                        for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k]))
+    if missing or unexpected or mismatched:
+        msg = f"{source}: the weights do not fit the model its config describes"
+        for title, items in (("missing from the weights", missing), ("not in the model", unexpected),
+                             ("shape mismatches", mismatched)):
+            if items:
+                msg += _listing(title, items)
+        raise CheckpointError(msg)
