@@ -58,12 +58,20 @@ inline void gemm(bool ta, bool tb, int m, int n, int k, double alpha, const doub
   dgemm_(&b, &a, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
 }
 
-// The row loops below (max, exp and sum) use GCC / Clang vector extensions: 16 floats, one
-// AVX-512 register (two AVX2 ones, four SSE / NEON ones). Plain loops with a running max or sum
-// are not vectorised well, since each step would wait for the previous one.
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-constexpr int kLanes = 16;
+// The row loops below (max, exp and sum) use GCC / Clang vector extensions of one register:
+// 16 floats with AVX-512, else 8 (one AVX2 register, two SSE / NEON ones). Wider vectors than
+// the machine's registers are split by the compiler, and on AVX2 that made the exp twice as slow.
+// Plain loops with a running max or sum are not vectorised well, since each step would wait for
+// the previous one.
+#if defined(__AVX512F__)
+#define DETR_IRPE_VECTOR_BYTES 64
+#else
+#define DETR_IRPE_VECTOR_BYTES 32
+#endif
+typedef float vfloat __attribute__((vector_size(DETR_IRPE_VECTOR_BYTES)));
+typedef int32_t vint __attribute__((vector_size(DETR_IRPE_VECTOR_BYTES)));
+typedef uint32_t vuint __attribute__((vector_size(DETR_IRPE_VECTOR_BYTES)));
+constexpr int kLanes = DETR_IRPE_VECTOR_BYTES / 4;
 // Room past the end of a row block for the last full-vector store of a gather (gather_values).
 constexpr int64_t kGatherSlack = kLanes;
 
@@ -98,7 +106,7 @@ inline vfloat exp_nonpositive(vfloat x) {
 inline double exp_nonpositive(double x) { return std::exp(std::max(x, -700.0)); }
 
 // The first n <= kLanes floats of x as a vector, the other lanes set to fill; and the reverse.
-// Rows are rarely a multiple of 16 long (850 at 25x34), and a scalar tail of up to 15 elements
+// Rows are rarely a multiple of kLanes long (850 at 25x34), and a scalar tail of up to 15 elements
 // costs as much as the rest of the row.
 inline vfloat load_head(const float* x, int64_t n, float fill) {
   float lanes[kLanes];
@@ -116,7 +124,7 @@ constexpr float kLowest = -std::numeric_limits<float>::infinity();
 
 // x[j] = exp(x[j] - shift) * keep[j] (keep: 0 on padded keys, or null); returns the sum.
 inline float exp_row(float* x, int64_t n, float shift, const float* keep) {
-  static const float ones[kLanes] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  static const float ones[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};  // >= kLanes
   vfloat acc0{}, acc1{};
   const vfloat s = broadcast(shift);
   int64_t j = 0;
@@ -187,10 +195,8 @@ inline uint64_t mix64(uint64_t x) {  // the splitmix64 finaliser
   return x ^ (x >> 31);
 }
 
-typedef uint32_t vuint __attribute__((vector_size(64)));
-
 template <typename U>
-inline U mix32(U x) {  // a 32-bit integer hash (two multiplies), on one number or 16 lanes
+inline U mix32(U x) {  // a 32-bit integer hash (two multiplies), on one number or a vector of lanes
   x ^= x >> 16;
   x *= 0x7feb352du;
   x ^= x >> 15;
