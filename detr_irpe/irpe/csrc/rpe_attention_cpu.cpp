@@ -366,9 +366,15 @@ inline void gather_values(T* dst, const T* row, const Term<T>& term, int64_t i, 
   for (int64_t r = 0; r < term.ny; ++r) {
     const T* m = row + r * term.side;
     T* e = work + r * gw;
+#pragma omp simd
     for (int64_t x = 0; x < gw; ++x) e[x] = m[cols[x]];
   }
-  for (int64_t y = 0; y < term.gh; ++y) std::memcpy(dst + y * gw, work + rows[y] * gw, gw * sizeof(T));
+  for (int64_t y = 0; y < term.gh; ++y) {  // a vector loop: a memcpy call per key row costs more
+    const T* src = work + rows[y] * gw;
+    T* out = dst + y * gw;
+#pragma omp simd
+    for (int64_t x = 0; x < gw; ++x) out[x] = src[x];
+  }
 }
 
 
