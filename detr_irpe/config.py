@@ -53,6 +53,10 @@ class ModelConfig:
     num_classes: Optional[int] = 91  # None: read from the training annotation file
     rpe: Optional[str] = None  # iRPE spec of the encoder, e.g. rpe-2.0-product-ctx-1-k; None = plain DETR
     aux_loss: bool = True
+    # Group DETR: in training, this many groups of num_queries queries, each matched one-to-one to
+    # the targets and hidden from the others in decoder self-attention; inference uses the first
+    # group only, so the model stays DETR. 1 = DETR (the COCO configs).
+    query_groups: int = 1
     # Hungarian matcher costs
     set_cost_class: float = 1.0
     set_cost_bbox: float = 5.0
@@ -82,6 +86,7 @@ class DataConfig:
     hflip: bool = True
     augment: bool = True  # False: training images get the evaluation transform
     num_workers: int = 2
+    cache_images: bool = False  # decode each image once and keep it in memory (small datasets)
 
 
 @dataclass
@@ -305,6 +310,7 @@ def validate(cfg: Config) -> Config:
     need(m.dim_feedforward > 0, f"model.dim_feedforward must be > 0, got {m.dim_feedforward}")
     need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     need(m.num_queries > 0, f"model.num_queries must be > 0, got {m.num_queries}")
+    need(m.query_groups >= 1, f"model.query_groups must be >= 1 (1: DETR), got {m.query_groups}")
     need(m.num_classes is None or m.num_classes > 0, f"model.num_classes must be > 0 or null, got {m.num_classes}")
     need(m.position_embedding in ("sine", "learned"),
          f"model.position_embedding must be 'sine' or 'learned', got {m.position_embedding!r}")

@@ -173,4 +173,4 @@ def test_irpe_model_from_a_plain_checkpoint():
     images = [torch.randn(3, 64, 96)]
     with torch.no_grad():
         torch.testing.assert_close(irpe(images)["pred_logits"], plain(images)["pred_logits"])
-    assert "initialised to zero" in str(report)
+    assert "iRPE tables at zero" in str(report)

@@ -260,3 +260,27 @@ def test_batches_resume_mid_epoch_and_ignore_worker_count():
     assert len(full) == 3
     for (a, boxes_a), (b, boxes_b) in zip(full[1:], epoch_batches(2, start=2)):
         assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(boxes_a, boxes_b))
+
+
+def test_cached_images_give_the_same_items_and_are_decoded_once(monkeypatch):
+    from PIL import Image as PILImage
+
+    from detr_irpe.data import set_epoch
+
+    cfg = DataConfig(root=str(COCO_ROOT), train_scales=[64, 96], max_size=128, crop_resize=[])
+    opened = []
+    real_open = PILImage.open
+    monkeypatch.setattr(PILImage, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    plain, cached = build_dataset(cfg, "train"), build_dataset(DataConfig(**{**cfg.__dict__, "cache_images": True}),
+                                                                "train")
+    for epoch in range(2):
+        batches = []
+        for data in (plain, cached):
+            loader = build_dataloader(data, batch_size=2, train=True, seed=3)
+            set_epoch(loader, epoch)
+            batches.append(list(loader))
+        for (ia, ma, ta), (ib, mb, tb) in zip(*batches):  # same augmentations, same items
+            assert torch.equal(ia, ib) and torch.equal(ma, mb)
+            assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(ta, tb))
+    n = len(plain)
+    assert len(opened) == 2 * n + n  # the plain dataset decodes every epoch, the cached one once

@@ -147,10 +147,13 @@ class CocoDetection(torch.utils.data.Dataset):
 
     ``transforms`` is called as ``transforms(image, target)`` on a ``tv_tensors.Image`` and a target
     whose ``boxes`` are absolute xyxy ``tv_tensors.BoundingBoxes``, and returns the same pair.
+
+    ``cache_images``: keep every decoded image (uint8) in memory after its first use, so that
+    later epochs skip the file reading and decoding (each loader worker holds its own cache).
     """
 
     def __init__(self, image_dir: PathLike, annotation_file: PathLike,
-                 transforms: Optional[Callable] = None):
+                 transforms: Optional[Callable] = None, cache_images: bool = False):
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         _require_annotation_file(self.annotation_file)  # both checks before the (slow) json load
@@ -161,6 +164,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.coco = load_coco(self.annotation_file, self.image_dir)  # refuses an empty dataset too
         self.ids = sorted(self.coco.imgs)
         self.transforms = transforms
+        self._decoded: Optional[Dict[int, Tensor]] = {} if cache_images else None
 
     @property
     def num_classes(self) -> int:
@@ -177,6 +181,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def load_image(self, index: int) -> tv_tensors.Image:
         """The RGB image file of item ``index`` as a uint8 ``(3, H, W)`` tensor, untransformed."""
+        if self._decoded is not None and index in self._decoded:
+            return tv_tensors.Image(self._decoded[index].clone())
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = self.image_dir / info["file_name"]
@@ -195,6 +201,8 @@ class CocoDetection(torch.utils.data.Dataset):
             raise ImageDecodeError(
                 f"image {path} (image id {image_id}) is {w}x{h} pixels but {self.annotation_file} says "
                 f"{info.get('width')}x{info.get('height')}; its boxes would be misplaced. Fix the json or the file.")
+        if self._decoded is not None:
+            self._decoded[index] = image.clone()
         return tv_tensors.Image(image)
 
     def load_target(self, index: int, size: Tuple[int, int]) -> dict:
@@ -279,7 +287,7 @@ def build_dataset(cfg: "DataConfig", split: str, transforms: Optional[Callable] 
             f"holding the images; see datasets/README.md.")
     if transforms is None:
         transforms = make_train_transforms(cfg) if split == "train" else make_eval_transforms(cfg)
-    return CocoDetection(image_dir, annotation_file, transforms)
+    return CocoDetection(image_dir, annotation_file, transforms, cache_images=cfg.cache_images)
 
 
 def build_train_val_datasets(cfg: "Config") -> Tuple[CocoDetection, CocoDetection]:

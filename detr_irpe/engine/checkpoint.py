@@ -28,7 +28,8 @@ from ..interop import (checkpoint_from_hf, download_from_hub, hf_weights_file, i
                        load_safetensors, read_hf_config, read_safetensors_weights)
 
 # Heads whose shape depends on the dataset or the number of queries; fine-tuning may re-initialise them.
-FINETUNE_HEADS = ("class_embed", "query_embed")
+FINETUNE_HEADS = ("class_embed", "query_embed", "group_query_embed")
+EXTRA_GROUPS = "group_query_embed."  # Group DETR's training-only query groups
 _LISTED = 20  # keys listed per category in error messages
 
 
@@ -41,9 +42,10 @@ class LoadReport:
         skipped: model keys left at their fresh initialisation because the checkpoint's shape
             differs (fine-tuning heads, e.g. ``class_embed.*`` for another number of classes).
         initialised: model keys absent from the checkpoint and initialised here (iRPE lookup
-            tables, kept at zero when starting from a plain DETR checkpoint).
+            tables, kept at zero when starting from a plain DETR checkpoint; extra query groups).
         missing: other model keys absent from the checkpoint (only with ``strict=False``).
-        unexpected: checkpoint keys the model has no place for (only with ``strict=False``).
+        unexpected: checkpoint keys the model has no place for (``strict=False``, or query
+            groups that fine-tuning leaves out).
     """
 
     loaded: List[str] = field(default_factory=list)
@@ -57,7 +59,7 @@ class LoadReport:
         if self.skipped:
             lines.append(f"re-initialised (shape differs from the checkpoint): {', '.join(self.skipped)}")
         if self.initialised:
-            lines.append(f"initialised to zero (not in the checkpoint): {', '.join(self.initialised)}")
+            lines.append(f"initialised (not in the checkpoint; iRPE tables at zero): {', '.join(self.initialised)}")
         if self.missing:
             lines.append(f"missing from the checkpoint: {', '.join(self.missing)}")
         if self.unexpected:
@@ -273,25 +275,32 @@ def load_for_finetuning(model: nn.Module, state_dict: Mapping[str, Tensor],
     * iRPE lookup tables missing from the checkpoint (a plain DETR checkpoint loaded into an
       iRPE model) are set to zero, so the model starts out computing what the checkpoint
       computed; they are reported in ``initialised``.
+    * Extra query groups (``model.query_groups``) missing from the checkpoint keep their fresh
+      initialisation (``initialised``); a checkpoint's groups the model does not have are left
+      out (``unexpected``).
 
     Raises:
         CheckpointError: any other missing / unexpected key or shape mismatch.
     """
     missing, unexpected, mismatched = _compare(model, state_dict)
     heads = [m for m in mismatched if _is_head(m[0])]
-    tables = [k for k in missing if "lookup_table" in k]
+    fresh = [k for k in missing if "lookup_table" in k or k.startswith(EXTRA_GROUPS)]
+    left_out = [k for k in unexpected if k.startswith(EXTRA_GROUPS)]
     other_mismatched = [m for m in mismatched if m not in heads]
-    other_missing = [k for k in missing if k not in tables]
-    if other_mismatched or other_missing or unexpected:
-        raise _mismatch_error(other_missing, unexpected, other_mismatched,
+    other_missing = [k for k in missing if k not in fresh]
+    other_unexpected = [k for k in unexpected if k not in left_out]
+    if other_mismatched or other_missing or other_unexpected:
+        raise _mismatch_error(other_missing, other_unexpected, other_mismatched,
                               _what("cannot fine-tune from this checkpoint", source))
     skipped = sorted(k for k, _, _ in heads)
-    model.load_state_dict({k: v for k, v in state_dict.items() if k not in skipped}, strict=False)
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in skipped and k not in left_out},
+                          strict=False)
     for name in {k.split(".")[0] for k in skipped}:
         model.get_submodule(name).reset_parameters()
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for key in tables:
-            params[key].zero_()
-    loaded = sorted(k for k in state_dict if k not in skipped)
-    return LoadReport(loaded=loaded, skipped=skipped, initialised=tables)
+        for key in fresh:
+            if "lookup_table" in key:
+                params[key].zero_()
+    loaded = sorted(k for k in state_dict if k not in skipped and k not in left_out)
+    return LoadReport(loaded=loaded, skipped=skipped, initialised=fresh, unexpected=left_out)

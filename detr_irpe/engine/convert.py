@@ -2,8 +2,8 @@
 
 The source is anything :func:`~detr_irpe.engine.checkpoint.load_checkpoint_file` reads (ours,
 official DETR / iRPE-DETR files, ``.safetensors``, a transformers folder or hub id, a URL). Only
-the model is converted: its weights, its config and the category names; optimizer and scheduler
-state are left behind.
+the model is converted, as inference uses it: its weights, its config and the category names;
+optimizer and scheduler state, and the extra query groups of Group DETR training, are left behind.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ..errors import UsageError
 from ..interop import save_hf_folder, save_safetensors
 from ..models import build_detr
 from .checkpoint import check_model_weights, load_checkpoint_file, state_dict_from_checkpoint
-from .inference import config_for_checkpoint
+from .inference import config_for_checkpoint, inference_state_dict
 
 FORMATS = ("hf", "ours", "safetensors")
 
@@ -52,7 +52,7 @@ def convert_checkpoint(src: Union[str, os.PathLike], out: Union[str, os.PathLike
                          f"name the output of --to {to} " + ("*.safetensors" if to == "safetensors" else "e.g. *.pth"))
     ckpt = load_checkpoint_file(src)
     cfg = config_for_checkpoint(ckpt)
-    state = state_dict_from_checkpoint(ckpt)
+    state = inference_state_dict(state_dict_from_checkpoint(ckpt))
     with torch.device("meta"):
         model, _, _ = build_detr(cfg.model)
     check_model_weights(model, state, source=str(src))

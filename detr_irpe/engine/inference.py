@@ -24,6 +24,9 @@ _ARGS_TO_MODEL = {
 }
 
 
+TRAINING_ONLY = ("group_query_embed.",)  # state-dict prefixes inference leaves out
+
+
 @dataclass
 class LoadedDetector:
     """A model built from a checkpoint and ready for inference, with what it was trained on.
@@ -76,7 +79,8 @@ def config_for_checkpoint(ckpt: dict, config_path: Optional[str] = None, overrid
 
     Our checkpoints store it under ``config``; official DETR and iRPE-DETR files store an
     ``argparse.Namespace`` under ``args``. ``num_classes`` / ``num_queries`` are read from the
-    weights' shapes, so an official COCO checkpoint needs no config at all.
+    weights' shapes, so an official COCO checkpoint needs no config at all. The config is for
+    inference: one group of queries (``model.query_groups = 1``).
     """
     if config_path is not None:
         cfg = load_config(config_path)
@@ -96,8 +100,15 @@ def config_for_checkpoint(ckpt: dict, config_path: Optional[str] = None, overrid
     if "query_embed.weight" in state:
         cfg.model.num_queries = int(state["query_embed.weight"].shape[0])
     cfg.model.backbone_weights = "none"  # the checkpoint holds the backbone
+    cfg.model.query_groups = 1  # extra query groups only train (see inference_state_dict)
     apply_overrides(cfg, overrides)
     return validate(cfg)
+
+
+def inference_state_dict(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """``state`` without what only training uses: the extra query groups of Group DETR
+    (``group_query_embed``), which inference never runs. What is left is a DETR state dict."""
+    return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
 
 
 def load_detector(checkpoint: str, config_path: Optional[str] = None, overrides: Sequence[str] = (),
@@ -106,7 +117,8 @@ def load_detector(checkpoint: str, config_path: Optional[str] = None, overrides:
     ckpt = load_checkpoint_file(checkpoint)
     cfg = config_for_checkpoint(ckpt, config_path, overrides)
     model, _, postprocessor = build_detr(cfg.model)
-    load_model_weights(model, state_dict_from_checkpoint(ckpt), strict=True, source=str(checkpoint))
+    load_model_weights(model, inference_state_dict(state_dict_from_checkpoint(ckpt)), strict=True,
+                       source=str(checkpoint))
     model.to(device).eval()
     categories = ckpt.get("categories") or {}
     return LoadedDetector(model, postprocessor, cfg, {int(k): str(v) for k, v in categories.items()})

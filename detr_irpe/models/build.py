@@ -66,7 +66,8 @@ def build_detr(config: Union[None, ModelConfig, Config] = None,
         num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
         pre_norm=cfg.pre_norm, rpe=cfg.rpe,
     )
-    model = DETR(backbone, transformer, cfg.num_classes, cfg.num_queries, aux_loss=cfg.aux_loss)
+    model = DETR(backbone, transformer, cfg.num_classes, cfg.num_queries, aux_loss=cfg.aux_loss,
+                 query_groups=cfg.query_groups)
     matcher = HungarianMatcher(cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou)
     num_aux = cfg.dec_layers - 1 if cfg.aux_loss else 0
     weight_dict = detr_weight_dict(cfg.ce_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef, num_aux)

@@ -43,7 +43,11 @@ class SetCriterion(nn.Module):
       number of targets|, averaged over images.
     * ``class_error`` (final layer only, logged): 100 - top-1 accuracy (%) on matched queries.
 
-    Auxiliary layer ``i`` gets the same keys with suffix ``_i``. Everything is computed in
+    Auxiliary layer ``i`` gets the same keys with suffix ``_i``. Outputs with ``query_groups``
+    G (Group DETR training) are matched group by group, each target once per group, and the box
+    losses divided by G times the number of boxes: every loss is the mean over groups of one
+    group's DETR loss (the cross-entropy too, each group holding the same number of matched and
+    unmatched queries). ``cardinality_error`` counts the first group. Everything is computed in
     at least float32, also under autocast (a float64 model gets float64 losses).
 
     Args:
@@ -77,12 +81,13 @@ class SetCriterion(nn.Module):
         """
         self._check_labels(targets)
         device = outputs["pred_logits"].device
+        groups = outputs.get("query_groups", 1)
         with torch.autocast(device.type, enabled=False):
-            num_boxes = self._num_boxes(targets, device)
-            losses, indices = self._layer_losses(outputs, targets, num_boxes)
+            num_boxes = self._num_boxes(targets, device) * groups
+            losses, indices = self._layer_losses(outputs, targets, num_boxes, groups)
             losses["class_error"] = self.class_error(at_least_float32(outputs["pred_logits"]), targets, indices)
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                aux_losses, _ = self._layer_losses(aux, targets, num_boxes)
+                aux_losses, _ = self._layer_losses(aux, targets, num_boxes, groups)
                 losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
         return losses
 
@@ -92,16 +97,28 @@ class SetCriterion(nn.Module):
 
     # -- one decoder layer ------------------------------------------------------------------
 
-    def _layer_losses(self, outputs: Dict[str, Tensor], targets: Targets,
-                      num_boxes: float) -> Tuple[Dict[str, Tensor], Indices]:
+    def _layer_losses(self, outputs: Dict[str, Tensor], targets: Targets, num_boxes: float,
+                      groups: int = 1) -> Tuple[Dict[str, Tensor], Indices]:
         logits, boxes = at_least_float32(outputs["pred_logits"]), at_least_float32(outputs["pred_boxes"])
-        indices = self.matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
+        indices = self.match_groups(logits, boxes, targets, groups)
         losses = {
             "loss_ce": self.loss_labels(logits, targets, indices),
             **self.loss_boxes(boxes, targets, indices, num_boxes),
-            "cardinality_error": self.cardinality_error(logits, targets),
+            "cardinality_error": self.cardinality_error(logits[:, : logits.shape[1] // groups], targets),
         }
         return losses, indices
+
+    def match_groups(self, logits: Tensor, boxes: Tensor, targets: Targets, groups: int = 1) -> Indices:
+        """The matcher's one-to-one assignment, for each of ``groups`` equal groups of queries on its
+        own (Group DETR): every target is matched once per group. Query indices count over all
+        groups, ``(B, Q G, ...)``."""
+        if groups == 1:
+            return self.matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
+        size = logits.shape[1] // groups
+        per_group = [self.matcher({"pred_logits": logits[:, g * size:(g + 1) * size],
+                                   "pred_boxes": boxes[:, g * size:(g + 1) * size]}, targets) for g in range(groups)]
+        return [(torch.cat([rows + g * size for g, (rows, _) in enumerate(image)]),
+                 torch.cat([cols for _, cols in image])) for image in zip(*per_group)]
 
     def loss_labels(self, logits: Tensor, targets: Targets, indices: Indices) -> Tensor:
         """Weighted cross-entropy of ``logits`` ``(B, Q, K+1)``; unmatched queries target no-object."""

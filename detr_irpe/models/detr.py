@@ -37,10 +37,15 @@ class DETR(nn.Module):
             being "no object". (COCO checkpoints use 91: the largest category id + 1.)
         num_queries: object queries, i.e. the maximum number of detections per image.
         aux_loss: also return the predictions of every intermediate decoder layer.
+        query_groups: in training, ``query_groups - 1`` more groups of ``num_queries`` queries
+            (``group_query_embed``), hidden from each other in the decoder's self-attention and
+            matched to the targets one group at a time (Group DETR; the criterion needs the same
+            number). Evaluation and inference use the first group only, ``query_embed``: the model
+            is then DETR. 1 (the default) is DETR in training too.
     """
 
     def __init__(self, backbone: nn.Module, transformer: Transformer, num_classes: int, num_queries: int,
-                 aux_loss: bool = True):
+                 aux_loss: bool = True, query_groups: int = 1):
         super().__init__()
         hidden_dim = transformer.d_model
         self.backbone = backbone
@@ -52,6 +57,9 @@ class DETR(nn.Module):
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.aux_loss = aux_loss
+        self.query_groups = query_groups
+        if query_groups > 1:  # training-only queries; checkpoints for inference leave them out
+            self.group_query_embed = nn.Embedding(num_queries * (query_groups - 1), hidden_dim)
 
     def forward(self, images: Union[Tensor, Sequence[Tensor]], mask: Optional[Tensor] = None,
                 return_attention: bool = False, backbone_per_image: bool = False) -> Dict[str, object]:
@@ -70,12 +78,19 @@ class DETR(nn.Module):
         Returns:
             ``pred_logits`` ``(B, Q, K + 1)``, ``pred_boxes`` ``(B, Q, 4)`` normalised
             ``(cx, cy, w, h)`` relative to each image's unpadded size, and, with ``aux_loss``,
-            ``aux_outputs``: the same two entries for every decoder layer but the last.
+            ``aux_outputs``: the same two entries for every decoder layer but the last. In
+            training with query groups, ``Q = num_queries * query_groups`` (group by group) and
+            ``query_groups`` says so.
         """
         images, mask = _as_batch(images, mask)
         features, mask, pos = self.backbone(images, mask, per_image=backbone_per_image)
-        hs, _, attention = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos,
-                                            return_attention=return_attention)
+        queries, query_mask, groups = self.query_embed.weight, None, 1
+        if self.training and self.query_groups > 1:
+            groups = self.query_groups
+            queries = torch.cat([queries, self.group_query_embed.weight])
+            query_mask = group_mask(self.num_queries, groups, queries.device)
+        hs, _, attention = self.transformer(self.input_proj(features), mask, queries, pos,
+                                            return_attention=return_attention, query_mask=query_mask)
         logits = self.class_embed(hs)  # (L, B, Q, K + 1)
         boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
         out: Dict[str, object] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
@@ -84,7 +99,15 @@ class DETR(nn.Module):
         if return_attention:
             out["attention"] = attention
             out["feature_hw"] = tuple(features.shape[-2:])
+        if groups > 1:
+            out["query_groups"] = groups
         return out
+
+
+def group_mask(num_queries: int, groups: int, device=None) -> Tensor:
+    """``(Q G, Q G)`` bool, True between queries of different groups (self-attention not allowed)."""
+    group = torch.arange(num_queries * groups, device=device) // num_queries
+    return group[:, None] != group[None, :]
 
 
 def _as_batch(images: Union[Tensor, Sequence[Tensor]], mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:

@@ -99,9 +99,9 @@ class TransformerDecoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.pre_norm = pre_norm
 
-    def _self_attend(self, x: Tensor, query_pos: Tensor) -> Tensor:
+    def _self_attend(self, x: Tensor, query_pos: Tensor, query_mask: Optional[Tensor]) -> Tensor:
         q = k = _with_pos(x, query_pos)
-        return self.self_attn(q, k, x, need_weights=False)[0]
+        return self.self_attn(q, k, x, attn_mask=query_mask, need_weights=False)[0]
 
     def _cross_attend(self, x: Tensor, memory: Tensor, query_pos: Tensor, pos: Tensor,
                       memory_key_padding_mask: Optional[Tensor], need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
@@ -112,19 +112,20 @@ class TransformerDecoderLayer(nn.Module):
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
 
     def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor, pos: Tensor,
-                memory_key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-        """tgt, query_pos ``(Q, B, C)``; memory, pos ``(HW, B, C)``; memory_key_padding_mask ``(B, HW)``.
+                memory_key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
+                query_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """tgt, query_pos ``(Q, B, C)``; memory, pos ``(HW, B, C)``; memory_key_padding_mask ``(B, HW)``;
+        query_mask ``(Q, Q)`` bool, True where a query may not attend to another (query groups).
 
         Returns ``(Q, B, C)`` and, if ``need_weights``, the head-averaged cross-attention ``(B, Q, HW)``.
         """
         if self.pre_norm:
-            tgt = tgt + self.dropout1(self._self_attend(self.norm1(tgt), query_pos))
+            tgt = tgt + self.dropout1(self._self_attend(self.norm1(tgt), query_pos, query_mask))
             attn, weights = self._cross_attend(self.norm2(tgt), memory, query_pos, pos,
                                                memory_key_padding_mask, need_weights)
             tgt = tgt + self.dropout2(attn)
             return tgt + self.dropout3(self._feed_forward(self.norm3(tgt))), weights
-        tgt = self.norm1(tgt + self.dropout1(self._self_attend(tgt, query_pos)))
+        tgt = self.norm1(tgt + self.dropout1(self._self_attend(tgt, query_pos, query_mask)))
         attn, weights = self._cross_attend(tgt, memory, query_pos, pos, memory_key_padding_mask, need_weights)
         tgt = self.norm2(tgt + self.dropout2(attn))
         return self.norm3(tgt + self.dropout3(self._feed_forward(tgt))), weights
@@ -158,12 +159,12 @@ class TransformerDecoder(nn.Module):
         self.norm = norm
 
     def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor, pos: Tensor,
-                memory_key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = False) -> Tuple[Tensor, List[Tensor]]:
+                memory_key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
+                query_mask: Optional[Tensor] = None) -> Tuple[Tensor, List[Tensor]]:
         """Returns ``(num_layers, Q, B, C)`` and the per-layer cross-attention maps (empty unless asked)."""
         outputs, maps = [], []
         for layer in self.layers:
-            tgt, weights = layer(tgt, memory, query_pos, pos, memory_key_padding_mask, need_weights)
+            tgt, weights = layer(tgt, memory, query_pos, pos, memory_key_padding_mask, need_weights, query_mask)
             outputs.append(self.norm(tgt))
             if need_weights:
                 maps.append(weights)
@@ -209,8 +210,8 @@ class Transformer(nn.Module):
             if p.dim() > 1 and "lookup_table" not in name:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos: Tensor,
-                return_attention: bool = False) -> Tuple[Tensor, Tensor, Optional[Dict[str, List[Tensor]]]]:
+    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos: Tensor, return_attention: bool = False,
+                query_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Dict[str, List[Tensor]]]]:
         """Encode the feature map and decode the object queries.
 
         Args:
@@ -219,6 +220,8 @@ class Transformer(nn.Module):
             query_embed: object queries ``(Q, C)``.
             pos: position encoding ``(B, C, h, w)``.
             return_attention: also return the attention maps.
+            query_mask: ``(Q, Q)`` bool, True where a query may not attend to another in the
+                decoder's self-attention (groups of queries that must not see each other).
 
         Returns:
             hs: decoder outputs of every layer ``(num_decoder_layers, B, Q, C)``.
@@ -232,6 +235,6 @@ class Transformer(nn.Module):
         query_pos = query_embed.unsqueeze(1).expand(-1, b, -1)
         memory, enc_maps = self.encoder(src, pos, (h, w), mask, return_attention)
         tgt = torch.zeros_like(query_pos)
-        hs, dec_maps = self.decoder(tgt, memory, query_pos, pos, mask, return_attention)
+        hs, dec_maps = self.decoder(tgt, memory, query_pos, pos, mask, return_attention, query_mask)
         attention = {"encoder": enc_maps, "decoder": dec_maps} if return_attention else None
         return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(b, c, h, w), attention
