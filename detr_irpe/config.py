@@ -122,6 +122,7 @@ class TrainConfig:
     pretrain_iterations: int = 0  # 0: none
     pretrain_batch_size: int = 32
     pretrain_lr: float = 2e-3  # AdamW
+    pretrain_target: str = "image"  # image: which categories an image holds | cells: which cover each feature cell
 
 
 @dataclass

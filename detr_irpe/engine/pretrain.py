@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,42 @@ class ImageLabelClassifier(nn.Module):
         return self.head(pooled)
 
 
+class CellLabelClassifier(nn.Module):
+    """Backbone -> 1x1 convolution: one logit per category id and feature cell."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Conv2d(backbone.num_channels, num_classes, kernel_size=1)
+
+    def forward(self, images: Tensor, masks: Tensor) -> Tuple[Tensor, Tensor]:
+        """images ``(B, 3, H, W)``, masks ``(B, H, W)`` -> logits ``(B, num_classes, h, w)`` and the
+        feature mask ``(B, h, w)`` (True = padding)."""
+        features, mask = self.backbone(images, masks)
+        return self.head(features), mask
+
+
+def cell_labels(targets: List[dict], num_classes: int, mask: Tensor) -> Tensor:
+    """``(B, num_classes, h, w)`` multi-hot: 1 where the centre of a feature cell lies inside a box
+    of that category id. Boxes are normalised ``(cx, cy, w, h)`` of each image's unpadded part,
+    which covers the unpadded cells of ``mask`` ``(B, h, w)``."""
+    B, h, w = mask.shape
+    labels = torch.zeros(B, num_classes, h, w)
+    for b, target in enumerate(targets):
+        rows, cols = int((~mask[b]).any(1).sum()), int((~mask[b]).any(0).sum())
+        if not len(target["labels"]) or not rows or not cols:
+            continue
+        y = (torch.arange(rows) + 0.5) / rows  # cell centres, normalised
+        x = (torch.arange(cols) + 0.5) / cols
+        cx, cy, bw, bh = target["boxes"].float().cpu().unbind(-1)
+        inside_y = (y[None, :] - cy[:, None]).abs() <= bh[:, None] / 2  # (N, rows)
+        inside_x = (x[None, :] - cx[:, None]).abs() <= bw[:, None] / 2  # (N, cols)
+        inside = (inside_y[:, :, None] & inside_x[:, None, :]).float()  # (N, rows, cols)
+        per_class = torch.zeros(num_classes, rows, cols).index_add_(0, target["labels"].cpu(), inside)
+        labels[b, :, :rows, :cols] = (per_class > 0).float()
+    return labels
+
+
 def image_labels(targets: List[dict], num_classes: int) -> Tensor:
     """``(B, num_classes)`` multi-hot: 1 where the image has at least one box of that category id."""
     labels = torch.zeros(len(targets), num_classes)
@@ -81,7 +117,8 @@ def pretrain_backbone(cfg: Config, out_path: str, seconds: Optional[float] = Non
     train_set = build_dataset(cfg.data, "train")
     num_classes = cfg.model.num_classes or train_set.num_classes
     backbone = build_backbone("tiny", cfg.model.backbone_weights, train_backbone=True)
-    model = ImageLabelClassifier(backbone, num_classes).to(device).train()
+    dense = cfg.train.pretrain_target == "cells"
+    model = (CellLabelClassifier if dense else ImageLabelClassifier)(backbone, num_classes).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
     if du.is_distributed():  # one set of weights: gradients averaged over the processes
         ids = [device.index] if device.type == "cuda" else None
@@ -93,8 +130,14 @@ def pretrain_backbone(cfg: Config, out_path: str, seconds: Optional[float] = Non
     while True:
         set_epoch(loader, epoch)
         for images, masks, targets in loader:
-            logits = model(images.to(device), masks.to(device))
-            loss = F.binary_cross_entropy_with_logits(logits, image_labels(targets, num_classes).to(device))
+            if dense:
+                logits, mask = model(images.to(device), masks.to(device))
+                keep = (~mask).unsqueeze(1).expand_as(logits)
+                loss = F.binary_cross_entropy_with_logits(logits[keep], cell_labels(targets, num_classes, mask.cpu())
+                                                          .to(device)[keep])
+            else:
+                logits = model(images.to(device), masks.to(device))
+                loss = F.binary_cross_entropy_with_logits(logits, image_labels(targets, num_classes).to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
