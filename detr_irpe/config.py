@@ -343,6 +343,8 @@ def validate(cfg: Config) -> Config:
     need(t.pretrain_iterations >= 0, f"train.pretrain_iterations must be >= 0 (0: none), got {t.pretrain_iterations}")
     need(t.pretrain_batch_size > 0, f"train.pretrain_batch_size must be > 0, got {t.pretrain_batch_size}")
     need(t.pretrain_lr > 0, f"train.pretrain_lr must be > 0, got {t.pretrain_lr}")
+    need(t.pretrain_target in ("image", "cells"),
+         f"train.pretrain_target must be image or cells, got {t.pretrain_target!r}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return cfg

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from detr_irpe.config import load_config
-from detr_irpe.engine.pretrain import ImageLabelClassifier, image_labels, pretrain_backbone
+from detr_irpe.engine.pretrain import ImageLabelClassifier, cell_labels, image_labels, pretrain_backbone
 from detr_irpe.models import build_backbone, build_detr
 from helpers import COCO, REPO, run_tool, tiny_overrides
 
@@ -16,6 +16,31 @@ def _cfg(tmp_path, **extra):
 def test_image_labels_are_multi_hot():
     targets = [{"labels": torch.tensor([3, 1, 3])}, {"labels": torch.tensor([], dtype=torch.int64)}]
     assert image_labels(targets, 5).tolist() == [[0, 1, 0, 1, 0], [0, 0, 0, 0, 0]]
+
+
+def test_cell_labels_mark_the_cells_whose_centres_lie_in_a_box():
+    mask = torch.ones(2, 4, 6, dtype=torch.bool)
+    mask[0, :4, :4] = False  # image 0: 4x4 cells, then padding; image 1: no cell at all
+    mask[1, :2, :3] = False  # image 1: 2x3 cells
+    targets = [{"labels": torch.tensor([2, 1]), "boxes": torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.9, 0.9, 0.1, 0.1]])},
+               {"labels": torch.tensor([], dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    labels = cell_labels(targets, 3, mask)
+    expected = torch.zeros(2, 3, 4, 6)
+    expected[0, 2, :2, :2] = 1  # centres 0.125, 0.375 inside [0, 0.5]
+    expected[0, 1, 3, 3] = 1  # centre (0.875, 0.875) inside [0.85, 0.95]
+    assert torch.equal(labels, expected)
+    for y in range(4):  # brute force over cells for image 0
+        for x in range(4):
+            cy, cx = (y + 0.5) / 4, (x + 0.5) / 4
+            inside = abs(cx - 0.25) <= 0.25 and abs(cy - 0.25) <= 0.25
+            assert labels[0, 2, y, x] == float(inside)
+
+
+def test_dense_pretraining_learns(tmp_path):
+    cfg = _cfg(tmp_path, **{"train.pretrain_iterations": 30, "train.pretrain_batch_size": 4, "train.pretrain_lr": 3e-3,
+                            "train.pretrain_target": "cells"})
+    result = pretrain_backbone(cfg, str(tmp_path / "cells.pth"), quiet=True)
+    assert result.iterations == 30 and result.last_loss < 0.7 * result.first_loss, result
 
 
 def test_classifier_pools_only_unpadded_features():
