@@ -26,7 +26,8 @@ from machine import describe
 
 BUDGET_ITERATIONS = 4500  # of t0
 # The demo recipe before the fixed schedule (what t0 measures), as overrides of configs/demo.yaml.
-BASELINE = ["train.batch_size=8", "data.cache_images=false", "model.query_groups=1", "data.num_workers=0"]
+BASELINE = ["train.batch_size=8", "data.cache_images=false", "model.query_groups=1", "data.num_workers=0",
+            "train.lr=2e-4", "train.lr_backbone=2e-4"]
 
 
 class Timer:
