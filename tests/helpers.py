@@ -36,13 +36,15 @@ def tiny_model(rpe=CTX, seed=0, **overrides):
     return model
 
 
-def save_tiny_checkpoint(path, rpe=CTX, categories=None, model=None, **data):
+def save_tiny_checkpoint(path, rpe=CTX, categories=None, model=None, model_options=None, **data):
     """Our checkpoint format (model, config, class names) of the tiny model, its config pointing
-    at the COCO val images of tests/data (``data`` overrides the data config)."""
+    at the COCO val images of tests/data (``model_options`` override the model config, ``data``
+    the data config)."""
     from detr_irpe.config import Config, DataConfig, ModelConfig
 
-    model = model if model is not None else tiny_model(rpe)
-    cfg = Config(model=ModelConfig(**{**TINY, "rpe": rpe}),
+    model_options = model_options or {}
+    model = model if model is not None else tiny_model(rpe, **model_options)
+    cfg = Config(model=ModelConfig(**{**TINY, "rpe": rpe, **model_options}),
                  data=DataConfig(**{**VAL_DATA, "eval_size": 128, "max_size": 192, **data}))
     torch.save({"model": model.state_dict(), "config": cfg.to_dict(),
                 "categories": categories or {1: "person", 2: "bicycle", 3: "car"}}, path)

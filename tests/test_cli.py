@@ -37,6 +37,9 @@ def cases(corrupt, good, tmp):
         ("pretrain_backbone", ["--config", "nothere.yaml", "--out", str(tmp / "b.pth")], "config file not found"),
         ("plot_logs", [str(tmp / "log.jsonl"), "--out", str(tmp / "c.png")], "no such log file"),
         ("convert_checkpoint", ["--to", "ours", "nothere.pth", str(tmp / "x.pth")], "checkpoint file not found"),
+        ("export", ["--checkpoint", "nothere.pth", "--out", str(tmp / "m.onnx")], "checkpoint file not found"),
+        ("predict", ["--onnx", str(tmp / "nothere.onnx"), img, "--out", str(tmp)], "no ONNX model"),
+        ("predict", ["--onnx", str(corrupt), img, "--out", str(tmp)], "no sidecar JSON"),
         ("eval", ["--checkpoint", str(corrupt), "--data-root", str(tmp / "nowhere")], "corrupt or truncated"),
         ("train", ["--config", "demo", *data, "data.train_annotations=nothere.json"], "not found"),
         # a malformed config value
@@ -45,6 +48,8 @@ def cases(corrupt, good, tmp):
         ("predict", ["--checkpoint", str(good), img, "--out", str(tmp), "--set", bad_lr], "train.lr"),
         ("visualize", ["rpe", "--checkpoint", str(good), "--set", bad_lr, "--out", str(tmp)], "train.lr"),
         ("check_data", ["--config", "demo", bad_lr], "train.lr"),
+        ("export", ["--checkpoint", str(good), "--out", str(tmp / "m.onnx"), "--set", bad_lr], "train.lr"),
+        ("export", ["--checkpoint", str(good), "--out", str(tmp / "m.onnx"), "--opset", "12"], "opset 12"),
         ("demo", ["--data-root", str(tmp / "data"), bad_lr], "train.lr"),
         ("pretrain_backbone", ["--config", "demo", "--out", str(tmp / "b.pth"), bad_lr], "train.lr"),
         ("train", ["--config", "demo", "model.rpe=rpe-2.0-spiral-ctx-1-k"], "unknown method 'spiral'"),
@@ -52,6 +57,7 @@ def cases(corrupt, good, tmp):
         ("eval", ["--checkpoint", str(corrupt)], "corrupt or truncated"),
         ("convert_checkpoint", ["--to", "hf", str(corrupt), str(tmp / "hf")], "corrupt or truncated"),
         ("predict", ["--checkpoint", str(corrupt), img, "--out", str(tmp)], "corrupt or truncated"),
+        ("export", ["--checkpoint", str(corrupt), "--out", str(tmp / "m.onnx")], "corrupt or truncated"),
         ("visualize", ["attention", "--checkpoint", str(corrupt), "--val", "1", "--out", str(tmp)],
          "corrupt or truncated"),
         ("train", [*tiny_overrides(tmp / "run"), f"train.pretrained={corrupt}"], "corrupt or truncated"),
@@ -101,5 +107,5 @@ def test_console_script_names_the_same_commands():
     from detr_irpe.apps.cli import build_parser
 
     help_text = build_parser().format_help()
-    for name in ("train", "eval", "predict", "visualize", "check-data", "demo"):
+    for name in ("train", "eval", "predict", "visualize", "export", "check-data", "demo"):
         assert name in help_text

@@ -65,48 +65,54 @@ def test_float32_matches_float64_reference(spec, hw):
 
 
 # choose_impl's truth table, row by row (see its docstring): (rpe_impl, iRPE spec, device, dtype,
-# dropout, need_weights, attn_mask, kernel available) -> result or the exception raised.
+# dropout, need_weights, attn_mask, kernel available, tracing) -> result or the exception raised.
 K, F32, F64 = "rpe-2.0-product-ctx-1-k", torch.float32, torch.float64
 BIG = "rpe-45.5-product-ctx-1-k"  # 183^2 = 33,489 buckets: more than int16 ids hold
 DISPATCH = [
-    ("auto", K, "cpu", F32, 0.0, True, False, True, "sdpa"),
-    ("native", K, "cpu", F32, 0.0, False, True, True, "sdpa"),
-    ("auto", K, "cpu", torch.bfloat16, 0.0, False, False, True, "sdpa"),
-    ("sdpa", K, "cpu", F32, 0.1, False, False, True, "sdpa"),
-    ("auto", None, "cpu", F32, 0.1, False, False, True, "native"),
-    ("native", None, "cpu", F64, 0.1, False, False, True, "native"),
-    ("auto", None, "cpu", F32, 0.0, False, False, True, "sdpa"),
-    ("auto", None, "cuda", F32, 0.1, False, False, True, "sdpa"),
-    ("native", None, "cpu", F32, 0.1, False, False, False, "sdpa"),
-    ("chunked", None, "cpu", F32, 0.1, False, False, True, "sdpa"),
-    ("chunked", K, "cpu", F32, 0.0, False, False, True, "chunked"),
-    ("chunked", K, "cuda", F32, 0.0, False, False, True, "chunked"),
-    ("auto", K, "cuda", F32, 0.1, False, False, True, "sdpa"),
-    ("native", K, "cuda", F32, 0.0, False, False, True, ValueError),
-    ("auto", K, "cpu", F32, 0.0, False, False, True, "native"),
-    ("native", K, "cpu", F64, 0.1, False, False, True, "native"),
-    ("native", BIG, "cpu", F32, 0.0, False, False, True, ValueError),
-    ("native", K, "cpu", F32, 0.0, False, False, False, RuntimeError),
-    ("auto", K, "cpu", F32, 0.0, False, False, False, "chunked"),
-    ("auto", BIG, "cpu", F32, 0.0, False, False, True, "chunked"),
+    ("native", K, "cpu", F32, 0.0, False, False, True, "export", "export"),
+    ("chunked", K, "cuda", F64, 0.1, True, True, False, "export", "export"),
+    ("auto", None, "cpu", F32, 0.1, False, False, True, "export", "export"),
+    ("auto", K, "cpu", F32, 0.0, False, False, True, "torchscript", RuntimeError),
+    ("sdpa", K, "cuda", F32, 0.0, True, False, True, "torchscript", RuntimeError),
+    ("auto", None, "cpu", F32, 0.0, False, False, True, "torchscript", "sdpa"),
+    ("auto", K, "cpu", F32, 0.0, True, False, True, "", "sdpa"),
+    ("native", K, "cpu", F32, 0.0, False, True, True, "", "sdpa"),
+    ("auto", K, "cpu", torch.bfloat16, 0.0, False, False, True, "", "sdpa"),
+    ("sdpa", K, "cpu", F32, 0.1, False, False, True, "", "sdpa"),
+    ("auto", None, "cpu", F32, 0.1, False, False, True, "", "native"),
+    ("native", None, "cpu", F64, 0.1, False, False, True, "", "native"),
+    ("auto", None, "cpu", F32, 0.0, False, False, True, "", "sdpa"),
+    ("auto", None, "cuda", F32, 0.1, False, False, True, "", "sdpa"),
+    ("native", None, "cpu", F32, 0.1, False, False, False, "", "sdpa"),
+    ("chunked", None, "cpu", F32, 0.1, False, False, True, "", "sdpa"),
+    ("chunked", K, "cpu", F32, 0.0, False, False, True, "", "chunked"),
+    ("chunked", K, "cuda", F32, 0.0, False, False, True, "", "chunked"),
+    ("auto", K, "cuda", F32, 0.1, False, False, True, "", "sdpa"),
+    ("native", K, "cuda", F32, 0.0, False, False, True, "", ValueError),
+    ("auto", K, "cpu", F32, 0.0, False, False, True, "", "native"),
+    ("native", K, "cpu", F64, 0.1, False, False, True, "", "native"),
+    ("native", BIG, "cpu", F32, 0.0, False, False, True, "", ValueError),
+    ("native", K, "cpu", F32, 0.0, False, False, False, "", RuntimeError),
+    ("auto", K, "cpu", F32, 0.0, False, False, False, "", "chunked"),
+    ("auto", BIG, "cpu", F32, 0.0, False, False, True, "", "chunked"),
 ]
 
 
-@pytest.mark.parametrize("impl, spec, device, dtype, dropout, weights, mask, available, want", DISPATCH)
-def test_choose_impl_truth_table(impl, spec, device, dtype, dropout, weights, mask, available, want):
+@pytest.mark.parametrize("impl, spec, device, dtype, dropout, weights, mask, available, tracing, want", DISPATCH)
+def test_choose_impl_truth_table(impl, spec, device, dtype, dropout, weights, mask, available, tracing, want):
     asked = []
 
     def kernel_available():
         asked.append(True)
         return available
 
-    args = (impl, as_rpe_config(spec), device, dtype, dropout, True, weights, mask, kernel_available)
+    args = (impl, as_rpe_config(spec), device, dtype, dropout, True, weights, mask, kernel_available, tracing)
     if isinstance(want, type):
-        with pytest.raises(want, match="rpe_impl='native'"):
+        with pytest.raises(want, match="torch.jit.trace" if tracing else "rpe_impl='native'"):
             choose_impl(*args)
     else:
         assert choose_impl(*args) == want
-    if device != "cpu":  # the CPU kernel is never built for another device
+    if device != "cpu" or tracing:  # the CPU kernel is never built for another device, nor for a trace
         assert not asked
 
 

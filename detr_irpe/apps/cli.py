@@ -5,6 +5,7 @@
     detr-irpe predict --checkpoint CKPT photos/ --out outputs/pred
     detr-irpe visualize boxes --checkpoint CKPT --val 4 --out outputs/viz
     detr-irpe check-data --config detr_r50 data.root=/data/coco
+    detr-irpe export --checkpoint CKPT --out model.onnx
     detr-irpe demo
 
 ``tools/<name>.py`` are the same commands (``main(command=...)``). A documented error
@@ -26,9 +27,10 @@ from ..engine.evaluate import evaluate_checkpoint
 from ..engine.pretrain import pretrain_backbone
 from ..engine.train import train
 from ..errors import DetrIrpeError, UsageError
+from ..export import DEFAULT_OPSET, FORMATS as EXPORT_FORMATS, ONNX_OPSETS, export_checkpoint
 from . import pictures
 from .demo import DemoSettings, run_demo
-from .predict import predict_path
+from .predict import predict_onnx, predict_path
 
 DEBUG_ENV = "DETR_IRPE_DEBUG"
 
@@ -132,7 +134,12 @@ def _pretrain(args) -> int:
 # -- predict, visualize -------------------------------------------------------------------------
 
 def _predict_parser(p: argparse.ArgumentParser) -> None:
-    _checkpoint_options(p)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="checkpoint file, http(s) URL")
+    model.add_argument("--onnx", help="a model.onnx written by `detr-irpe export` (its .json beside it), "
+                                      "run with ONNX Runtime")
+    p.add_argument("--config", help="YAML config (a path or a shipped name); default: the checkpoint's")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder for PNGs and detections.json")
     p.add_argument("--threshold", type=float, default=0.7, help="minimum score to keep a box (default %(default)s)")
@@ -143,8 +150,14 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _predict(args) -> int:
-    results = predict_path(args.checkpoint, args.inputs, args.out, args.threshold, args.config, args.set,
-                           args.device, batch_size=args.batch_size, batched_backbone=args.batched_backbone)
+    if args.onnx:
+        if args.config or args.set or args.batched_backbone:
+            raise UsageError("--config, --set and --batched-backbone apply to --checkpoint; an ONNX model "
+                             "carries its preprocessing in its .json")
+        results = predict_onnx(args.onnx, args.inputs, args.out, args.threshold, batch_size=args.batch_size)
+    else:
+        results = predict_path(args.checkpoint, args.inputs, args.out, args.threshold, args.config, args.set,
+                               args.device, batch_size=args.batch_size, batched_backbone=args.batched_backbone)
     total = sum(len(r["detections"]) for r in results)
     skipped = sum("error" in r for r in results)
     note = f" ({skipped} unreadable, skipped)" if skipped else ""
@@ -284,6 +297,27 @@ def _convert(args) -> int:
     return 0
 
 
+# -- export -------------------------------------------------------------------------------------
+
+def _export_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or http(s) URL (any `eval` takes)")
+    p.add_argument("--out", required=True, help="model file to write (.onnx / .pt2); its .json goes beside it")
+    p.add_argument("--format", default="onnx", choices=list(EXPORT_FORMATS),
+                   help="onnx, or a torch.export program (default %(default)s)")
+    p.add_argument("--opset", type=int,
+                   help=f"ONNX opset, {ONNX_OPSETS.start}-{ONNX_OPSETS.stop - 1} (default {DEFAULT_OPSET})")
+    p.add_argument("--config", help="YAML config (a path or a shipped name); default: the checkpoint's")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+
+
+def _export(args) -> int:
+    result = export_checkpoint(args.checkpoint, args.out, args.format, args.opset, args.config, args.set)
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in result.max_abs_diff.items())
+    print(f"wrote {result.model_path} and {result.sidecar_path} in {result.seconds:.1f} s; "
+          f"max |difference| to PyTorch on a padded batch of a new size: {diffs}")
+    return 0
+
+
 # -- the console script -------------------------------------------------------------------------
 
 # name -> (help, add arguments, run)
@@ -296,6 +330,8 @@ COMMANDS: Dict[str, tuple] = {
                   _visualize_parser, _visualize),
     "check-data": ("check a COCO-format dataset: every problem, grouped, with examples", _check_data_parser,
                    _check_data),
+    "export": ("export a checkpoint to ONNX or torch.export (dynamic batch and image size) with a JSON of "
+               "its preprocessing and class names", _export_parser, _export),
     "demo": ("the CPU demo: synthetic shapes, training, COCO mAP, pictures", _demo_parser, _demo),
     "pretrain-backbone": ("pretrain the tiny backbone on image-level labels", _pretrain_parser, _pretrain),
     "plot-logs": ("training curves of log.jsonl files in one PNG", _curves_parser, _plot_logs),

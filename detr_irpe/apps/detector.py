@@ -4,9 +4,12 @@
     det = Detector.from_checkpoint("outputs/demo/checkpoint.pth")       # a path or an http(s) URL
     for found in det.predict("photo.jpg", threshold=0.7)[0]:
         print(found["name"], found["score"], found["box"])             # box: [x1, y1, x2, y2] in pixels
+    det.export_onnx("model.onnx")                                      # + model.json (preprocessing, names)
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -18,6 +21,7 @@ from torch import Tensor
 from ..data.images import read_rgb
 from ..engine.inference import LoadedDetector, load_detector
 from ..errors import UsageError
+from ..export import ExportResult, export_detector
 from .predict import detection_records
 
 ImageLike = Union[str, Path, Image.Image, Tensor, np.ndarray]
@@ -84,3 +88,14 @@ class Detector:
         tensors = [as_image_tensor(image) for image in ([images] if single else images)]
         detections = self.loaded.detect(tensors, batch_size=batch_size)
         return [detection_records(d, threshold, self.categories) for d in detections]
+
+    def export_onnx(self, path: Union[str, Path], opset: Optional[int] = None,
+                    format: str = "onnx") -> ExportResult:
+        """Write the model as ONNX (or ``format="torch-export"``: a ``.pt2`` program) with dynamic
+        batch, height and width, and ``<path stem>.json`` beside it (class names, preprocessing).
+        The written file is checked against this model before it is kept (see
+        :func:`detr_irpe.export.export_detector`). A model on a GPU is exported from a CPU copy."""
+        loaded = self.loaded
+        if loaded.device.type != "cpu":
+            loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).cpu())
+        return export_detector(loaded, path, format, opset)

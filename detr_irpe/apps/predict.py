@@ -12,6 +12,7 @@ from torch import Tensor
 from ..data.errors import DatasetNotFoundError, ImageDecodeError
 from ..data.images import list_images, read_rgb
 from ..engine.inference import load_detector
+from ..export import OnnxDetector
 from ..visualize import draw_detections, save_png
 
 
@@ -97,3 +98,10 @@ def predict_path(checkpoint: str, inputs, out_dir, threshold: float = 0.7, confi
     detector = load_detector(checkpoint, config_path, overrides, device=device)
     detector.backbone_per_image = not batched_backbone
     return predict_images(detector, paths, out_dir, threshold, batch_size)
+
+
+def predict_onnx(model_path, inputs, out_dir, threshold: float = 0.7, batch_size: int = 1) -> List[dict]:
+    """:func:`predict_images` with an exported ONNX model run by ONNX Runtime (its sidecar JSON
+    beside it gives the preprocessing and the class names): the same PNGs and ``detections.json``."""
+    paths = expand_inputs(inputs)
+    return predict_images(OnnxDetector(model_path), paths, out_dir, threshold, batch_size)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import chunked, native
-from .buckets import BucketCache
+from .buckets import BucketCache, bucket_ids_2d
 from .spec import RPEConfig, as_rpe_config
 from .tables import RPETable, build_table
 
@@ -49,8 +49,9 @@ class RPEMultiheadAttention(nn.Module):
       the tables (at most 2^15 buckets: the product method up to ratio 45.4), else ``"chunked"``;
       ``"sdpa"`` on other devices.
 
-    ``need_weights=True`` or an ``attn_mask`` always takes the explicit / SDPA path. The choice
-    is :func:`choose_impl`'s. All paths agree to rounding (tested against a naive float64 reference).
+    ``need_weights=True`` or an ``attn_mask`` always takes the explicit / SDPA path, and so does
+    an export (``torch.export``, ``torch.onnx.export(..., dynamo=True)``), as explicit weights,
+    with the bucket ids computed inside the graph from the feature-map size. The choice is :func:`choose_impl`'s. All paths agree to rounding (tested against a naive float64 reference).
 
     Args:
         embed_dim: model width ``C``.
@@ -116,8 +117,14 @@ class RPEMultiheadAttention(nn.Module):
 
         return heads(q), heads(k), heads(v)
 
-    def _bucket_lookup(self, hw: Optional[Tuple[int, int]], length: int, device):
-        """Returns ``get_ids(method) -> (L, L)`` bucket ids for the current feature map, and its ``(H, W)``."""
+    def _bucket_lookup(self, hw: Optional[Tuple[int, int]], length: int, device, in_graph: bool = False):
+        """Returns ``get_ids(method) -> (L, L)`` bucket ids for the current feature map, and its ``(H, W)``.
+
+        ``in_graph=True`` (an export): the ids are computed by :func:`bucket_ids_2d` in this call
+        (once per table method), from ``hw`` as given (symbolic sizes under ``torch.export``), so
+        they become part of the traced graph and follow its input size; the cache, keyed by
+        Python ints, is not used.
+        """
         cfg = self.rpe_config
         if hw is None:
             side = math.isqrt(length - cfg.skip)
@@ -125,13 +132,19 @@ class RPEMultiheadAttention(nn.Module):
                 raise ValueError(f"iRPE needs the feature-map size: pass hw=(H, W) "
                                  f"(sequence length {length} is not a square grid)")
             hw = (side, side)
-        height, width = int(hw[0]), int(hw[1])
+        height, width = (hw[0], hw[1]) if in_graph else (int(hw[0]), int(hw[1]))
         if height * width + cfg.skip != length:
             raise ValueError(f"iRPE: hw={tuple(hw)} gives {height * width} image tokens + {cfg.skip} skip "
                              f"tokens, but the sequence has {length}; pass the feature map's (H, W) and set "
                              f"RPEConfig.skip to the number of extra tokens")
 
+        traced = {}  # this call's in-graph ids by method: q, k and v tables share one computation
+
         def get_ids(method: str, factors: bool = False, **layout):
+            if in_graph:
+                if method not in traced:
+                    traced[method] = bucket_ids_2d(method, height, width, cfg.ratio, cfg.skip, device)[0]
+                return traced[method]
             lookup = self.bucket_cache.factors if factors else self.bucket_cache.get
             return lookup(method, height, width, cfg.ratio, cfg.skip, device, **layout)
 
@@ -161,14 +174,14 @@ class RPEMultiheadAttention(nn.Module):
         get_ids, grid = None, None
         bias = None  # additive logits, broadcastable to (B, H, L, S)
         p = self.dropout if self.training else 0.0
-        if self.rpe_config is not None:
-            if S != L:
-                raise ValueError(f"iRPE is defined for self-attention; got {L} queries and {S} keys")
-            get_ids, grid = self._bucket_lookup(hw, L, query.device)
+        if self.rpe_config is not None and S != L:
+            raise ValueError(f"iRPE is defined for self-attention; got {L} queries and {S} keys")
         impl = choose_impl(self.rpe_impl, self.rpe_config, q.device.type, q.dtype, p, self_attention=S == L,
                            need_weights=need_weights, attn_mask=attn_mask is not None,
-                           kernel_available=lambda: native.load() is not None)
-        if impl != "sdpa":
+                           kernel_available=lambda: native.load() is not None, tracing=tracing_mode())
+        if self.rpe_config is not None:
+            get_ids, grid = self._bucket_lookup(hw, L, query.device, in_graph=impl == "export")
+        if impl in ("native", "chunked"):
             kernel = native if impl == "native" else chunked
             out = self._blockwise(kernel, q, k, v, key_padding_mask, get_ids, grid, p)
             return self.out_proj(out.permute(2, 0, 1, 3).reshape(L, B, C)), None
@@ -179,7 +192,7 @@ class RPEMultiheadAttention(nn.Module):
             bias = term if bias is None else bias + term
         bias = _merge_masks(bias, attn_mask, key_padding_mask, B, self.num_heads, L, S, q.dtype)
 
-        if self.rpe_v is None and not need_weights:
+        if self.rpe_v is None and not need_weights and impl == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
             weights = None
         else:
@@ -225,18 +238,32 @@ class RPEMultiheadAttention(nn.Module):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, rpe={rpe}"
 
 
+def tracing_mode() -> str:
+    """How this forward is being captured: ``"export"`` under ``torch.export`` (which
+    ``torch.onnx.export(..., dynamo=True)`` uses), ``"torchscript"`` under ``torch.jit.trace`` (which
+    the TorchScript ONNX exporter, ``dynamo=False``, uses), else ``""``."""
+    if torch.compiler.is_exporting():
+        return "export"
+    return "torchscript" if torch.jit.is_tracing() else ""
+
+
 def choose_impl(rpe_impl: str, config: Optional[RPEConfig], device_type: str, dtype: torch.dtype, dropout: float,
                 self_attention: bool, need_weights: bool, attn_mask: bool,
-                kernel_available: Callable[[], bool]) -> str:
-    """Which computation serves one attention call: ``"native"``, ``"chunked"`` or ``"sdpa"``.
+                kernel_available: Callable[[], bool], tracing: str = "") -> str:
+    """Which computation serves one attention call: ``"native"``, ``"chunked"``, ``"sdpa"`` or ``"export"``.
 
     ``"sdpa"`` is SDPA, or the explicit weights where they are needed (``need_weights``, iRPE on
-    values). ``kernel_available()`` says whether the compiled kernel could be built; it is
-    called (and the kernel built) only where the answer matters. Rows are tried in order:
+    values). ``"export"`` is the explicit computation (logits, softmax, weights times values; SDPA's
+    decomposition breaks on symbolic strides) with the bucket ids computed inside the traced graph
+    from the feature-map size instead of read from the cache. ``kernel_available()`` says
+    whether the compiled kernel could be built; it is called (and the kernel built) only where the
+    answer matters. ``tracing`` is :func:`tracing_mode`'s answer. Rows are tried in order:
 
-    ========================  ====  ==================================================  ==========
+    ========================  ====  ==================================================  ============
     rpe_impl                  iRPE  condition                                           result
-    ========================  ====  ==================================================  ==========
+    ========================  ====  ==================================================  ============
+    any                       any   tracing == "export"                                 export
+    any                       yes   tracing == "torchscript"                            RuntimeError
     any                       any   need_weights, attn_mask, or dtype not fp32 / fp64   sdpa
     sdpa                      any                                                       sdpa
     auto / native             no    CPU self-attention, dropout > 0, kernel available   native
@@ -248,12 +275,22 @@ def choose_impl(rpe_impl: str, config: Optional[RPEConfig], device_type: str, dt
     native                    yes   tables of more than 2^15 buckets                    ValueError
     native                    yes   kernel unavailable                                  RuntimeError
     auto                      yes   otherwise (no kernel, or too many buckets)          chunked
-    ========================  ====  ==================================================  ==========
+    ========================  ====  ==================================================  ============
 
     Without iRPE the kernel serves only CPU training with dropout, where SDPA has no flash kernel
     and forms the full weights. Its bucket ids are int16, so larger tables (the product method
-    from ratio 45.5 on) take the row-chunked kernel.
+    from ratio 45.5 on) take the row-chunked kernel. Neither the compiled kernel nor the
+    row-chunked autograd Function can be traced, so an export takes the SDPA path whatever
+    ``rpe_impl`` asks for (all paths compute the same attention). ``torch.jit.trace`` would
+    record the bucket ids of the trace size as constants, so an iRPE layer refuses it.
     """
+    if tracing == "export":
+        return "export"
+    if tracing == "torchscript" and config is not None:
+        raise RuntimeError(f"iRPE ({config.spec}) cannot be traced by torch.jit.trace (nor by "
+                           f"torch.onnx.export(..., dynamo=False), which uses it): the bucket ids would be "
+                           f"frozen at the trace size. Use torch.export / torch.onnx.export(..., dynamo=True), "
+                           f"or detr_irpe.export")
     if need_weights or attn_mask or dtype not in (torch.float32, torch.float64) or rpe_impl == "sdpa":
         return "sdpa"
     if config is None:

@@ -26,7 +26,6 @@ from .spec import num_buckets
 TABLE_METHODS = ("euc", "quant", "product", "cross_rows", "cross_cols")
 
 
-@torch.no_grad()
 def piecewise_index(x: Tensor, alpha: float, beta: float, gamma: float) -> Tensor:
     """The piecewise index function g(x) of the paper (Eq. 18), elementwise.
 
@@ -57,7 +56,6 @@ def _offsets(n: int, device) -> Tensor:
     return pos[:, None] - pos[None, :]
 
 
-@torch.no_grad()
 def bucket_factors(method: str, height: int, width: int, ratio: float,
                    device=None) -> Optional[Tuple[Tensor, Tensor, int]]:
     """The row and column parts of a separable method's bucket ids (no skip tokens).
@@ -81,7 +79,6 @@ def bucket_factors(method: str, height: int, width: int, ratio: float,
     return rows, cols, 2 * beta_int + 1
 
 
-@torch.no_grad()
 def bucket_ids_2d(method: str, height: int, width: int, ratio: float, skip: int = 0,
                   device=None) -> Tuple[Tensor, int]:
     """Bucket id of every pair of tokens on an ``height x width`` grid (plus ``skip`` leading tokens).

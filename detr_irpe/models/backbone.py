@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -27,8 +26,23 @@ TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
 
 
 def mask_to_feature(mask: Tensor, size: Tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize of a padding mask ``(B, H, W)`` bool to ``size = (h, w)``."""
-    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+    """Nearest-neighbour resize of a padding mask ``(B, H, W)`` bool to ``size = (h, w)``.
+
+    Picks the cells ``F.interpolate(mode="nearest")`` picks (tested), from explicit indices: an
+    exported ``Resize`` (ONNX) divides by ``h / H`` instead of multiplying by ``H / h`` and can
+    land one cell earlier, moving the padding border.
+    """
+    rows = _nearest_source_indices(mask.shape[1], size[0], mask.device)
+    cols = _nearest_source_indices(mask.shape[2], size[1], mask.device)
+    return mask.index_select(1, rows).index_select(2, cols)
+
+
+def _nearest_source_indices(n_in: int, n_out: int, device) -> Tensor:
+    """``(n_out,)`` long: ``min(floor(i * s), n_in - 1)`` with ``s = n_in / n_out`` in float32, as torch's
+    nearest interpolation computes it. Built from tensors so that symbolic sizes stay symbolic."""
+    scale = torch.full((), n_in, dtype=torch.float32, device=device) / n_out
+    source = (torch.arange(n_out, dtype=torch.float32, device=device) * scale).floor().long()
+    return source.clamp(max=n_in - 1)
 
 
 class ResNetBackbone(nn.Module):

@@ -1,0 +1,181 @@
+"""Export a detector to ONNX or a ``torch.export`` program, write its sidecar JSON, check it against PyTorch.
+
+Every export is checked before it is reported done: the written file is loaded back (onnxruntime
+for ONNX, ``torch.export.load`` for a program) and run on a padded batch of a size it was not
+traced with; if its outputs are not PyTorch's, :class:`ExportMismatchError` is raised.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import onnxruntime
+import torch
+from torch import Tensor
+from torch.export import ExportedProgram
+
+from ..engine.inference import LoadedDetector, load_detector
+from ..errors import DetrIrpeError, UsageError
+from .preprocess import Preprocessing
+from .program import INPUT_NAMES, OUTPUT_NAMES, InputLimits, encoder_irpe_specs, export_program, sample_inputs
+from .runtime import onnx_session, run_onnx
+from .sidecar import deployment_info, sidecar_path, write_sidecar
+
+FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
+# From opset 23 the exporter emits the ONNX Attention operator for the decoder's attention, whose padding
+# mask onnxruntime 1.32 rejects; below 18 torch's exporter cannot write this graph (it converts down from 18
+# and either fails or leaves opset 18).
+ONNX_OPSETS = range(18, 23)
+DEFAULT_OPSET = 20
+# The check of an export: far above float32 rounding between runtimes (measured 1e-6), far below what a
+# wrong bucket mapping or a frozen shape moves.
+CHECK_ATOL = 1e-3
+
+
+class ExportMismatchError(DetrIrpeError, RuntimeError):
+    """The exported model's outputs differ from PyTorch's on the check inputs."""
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_detector` wrote.
+
+    Attributes:
+        model_path, sidecar_path: the files.
+        format: ``onnx`` or ``torch-export``.
+        opset: the ONNX opset (None for a program).
+        seconds: wall time of tracing, conversion and saving (the check excluded).
+        max_abs_diff: per output, the largest difference to PyTorch on the check inputs.
+        program: the ``torch.export`` program the file was made from.
+    """
+
+    model_path: Path
+    sidecar_path: Path
+    format: str
+    opset: Optional[int]
+    seconds: float
+    max_abs_diff: Dict[str, float] = field(default_factory=dict)
+    program: Optional[ExportedProgram] = None
+
+
+def check_options(out, fmt: str, opset: Optional[int]) -> Optional[int]:
+    """Validate the output path, format and opset; returns the opset to use (None for torch-export)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.suffix == ".json":
+        raise UsageError(f"--out {out} would be overwritten by the sidecar JSON; name the model file "
+                         f"{out.with_suffix(FORMATS[fmt]).name}")
+    if fmt == "torch-export":
+        if opset is not None:
+            raise UsageError("--opset applies to ONNX only; drop it for --format torch-export")
+        return None
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    if opset not in ONNX_OPSETS:
+        raise UsageError(f"ONNX opset {opset} is not supported: use {ONNX_OPSETS.start}-{ONNX_OPSETS.stop - 1}. "
+                         f"Below 18 torch's exporter cannot write DETR's graph (LayerNormalization, Split); from 23 "
+                         f"the decoder's attention becomes the ONNX Attention operator, whose padding mask "
+                         f"onnxruntime {onnxruntime.__version__} rejects")
+    return opset
+
+
+def save_onnx(program: ExportedProgram, path, opset: int = DEFAULT_OPSET) -> Path:
+    """Convert a program of :func:`export_program` to ONNX at ``opset`` and save it (weights inside the file
+    up to 2 GB, beside it beyond)."""
+    # onnxscript's optimizer warns once per Split of a weight (the in-projections) that it leaves it unfolded
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding.level
+    folding.setLevel(logging.ERROR)
+    try:
+        onnx_program = torch.onnx.export(program, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                                         opset_version=opset, dynamo=True, verbose=False)
+    finally:
+        folding.setLevel(level)
+    onnx_program.save(str(path))
+    return Path(path)
+
+
+def save_program(program: ExportedProgram, path) -> Path:
+    """``torch.export.save`` (a ``.pt2`` file)."""
+    torch.export.save(program, str(path))
+    return Path(path)
+
+
+def _check(run, model: torch.nn.Module, images: Tensor, mask: Tensor, what: str) -> Dict[str, float]:
+    """Max |exported - PyTorch| per output; raises :class:`ExportMismatchError` beyond ``CHECK_ATOL``."""
+    with torch.no_grad():
+        want = model(images, mask)
+        got = run(images, mask)
+    diffs = {name: float((got[name] - want[name]).abs().max()) for name in OUTPUT_NAMES}
+    if not all(d <= CHECK_ATOL for d in diffs.values()):  # also catches NaN
+        raise ExportMismatchError(f"the exported {what} disagrees with the PyTorch model on a padded batch of "
+                                  f"shape {tuple(images.shape)}: max |difference| {diffs} (tolerance {CHECK_ATOL}); "
+                                  f"the file is removed")
+    return diffs
+
+
+def export_detector(detector: LoadedDetector, out, fmt: str = "onnx", opset: Optional[int] = None) -> ExportResult:
+    """Export ``detector.model`` to ``out`` (ONNX, or a ``torch.export`` program) and write the sidecar JSON.
+
+    The model must be a float32 model on the CPU (``load_detector(..., device="cpu")``); it is put in
+    eval mode. Inputs ``images (batch, 3, height, width)`` float32 and ``mask (batch, height, width)``
+    bool, outputs ``pred_logits (batch, Q, K + 1)`` and ``pred_boxes (batch, Q, 4)``; batch, height and
+    width are dynamic (sides from ``backbone stride + 1`` pixels; at most ``50 x stride`` with a learned
+    position embedding).
+
+    Raises:
+        UsageError: a bad format, opset, output path or model device / dtype.
+        ExportMismatchError: the written file does not compute what the model computes.
+    """
+    opset = check_options(out, fmt, opset)
+    model = detector.model.eval()
+    params = list(model.parameters())
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+        raise UsageError("export a float32 model on the CPU: load it with load_detector(..., device='cpu')")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    limits = InputLimits.of(model)
+
+    start = time.perf_counter()
+    program = export_program(model)
+    if fmt == "onnx":
+        save_onnx(program, out, opset)
+    else:
+        save_program(program, out)
+    seconds = time.perf_counter() - start
+
+    images, mask = sample_inputs(2, limits.sample_sizes(model.backbone.stride)[1], seed=1)
+    try:
+        if fmt == "onnx":
+            session = onnx_session(out)
+            diffs = _check(lambda x, m: run_onnx(session, x, m), model, images, mask, "ONNX model")
+            runtime = f"onnxruntime {onnxruntime.__version__}"
+        else:
+            loaded = torch.export.load(str(out)).module()
+            diffs = _check(lambda x, m: dict(zip(OUTPUT_NAMES, loaded(x, m))), model, images, mask, "program")
+            runtime = "torch.export.load"
+    except ExportMismatchError:
+        out.unlink(missing_ok=True)
+        raise
+
+    cfg = detector.config
+    info = deployment_info(
+        model_file=out.name, fmt=fmt, opset=opset,
+        preprocess=Preprocessing(cfg.data.eval_size, cfg.data.max_size),
+        categories=detector.categories, num_classes=model.num_classes, num_queries=model.num_queries,
+        limits=limits, stride=model.backbone.stride, irpe=encoder_irpe_specs(model),
+        check={"runtime": runtime, "input_shape": list(images.shape), "padded": True,
+               "max_abs_diff": diffs, "tolerance": CHECK_ATOL},
+    )
+    side = write_sidecar(info, sidecar_path(out))
+    return ExportResult(out, side, fmt, opset, seconds, diffs, program)
+
+
+def export_checkpoint(checkpoint: str, out, fmt: str = "onnx", opset: Optional[int] = None,
+                      config_path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExportResult:
+    """:func:`export_detector` of any checkpoint ``tools/eval.py`` accepts (path or URL)."""
+    check_options(out, fmt, opset)  # before the (possibly long) load
+    return export_detector(load_detector(checkpoint, config_path, overrides, device="cpu"), out, fmt, opset)

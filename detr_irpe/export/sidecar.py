@@ -1,0 +1,96 @@
+"""The JSON written beside an exported model: what a deployment needs to feed it and read it.
+
+``model.onnx`` (or ``model.pt2``) gets ``model.json`` with the class names, the preprocessing
+(:class:`~detr_irpe.export.preprocess.Preprocessing`), the input and output names, shapes and
+meaning, the accepted input sizes, the iRPE spec of each encoder layer, the ONNX opset and how
+the export was checked against PyTorch.
+"""
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from ..errors import InputNotFoundError, UsageError
+from .preprocess import Preprocessing
+from .program import INPUT_NAMES, OUTPUT_NAMES, InputLimits
+
+SIDECAR_VERSION = 1
+REQUIRED_KEYS = ("format", "model_file", "inputs", "outputs", "input_size", "preprocess", "categories")
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("detr_irpe")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def sidecar_path(model_path) -> Path:
+    """``model.onnx`` -> ``model.json``."""
+    return Path(model_path).with_suffix(".json")
+
+
+def deployment_info(*, model_file: str, fmt: str, opset: Optional[int], preprocess: Preprocessing,
+                    categories: Dict[int, str], num_classes: int, num_queries: int, limits: InputLimits,
+                    stride: int, irpe: List[Optional[str]], check: dict) -> dict:
+    """The sidecar's content (a JSON-ready dict)."""
+    return {
+        "sidecar_version": SIDECAR_VERSION,
+        "format": fmt,
+        "model_file": model_file,
+        "opset": opset,
+        "inputs": [
+            {"name": INPUT_NAMES[0], "shape": ["batch", 3, "height", "width"], "dtype": "float32",
+             "meaning": "RGB images after `preprocess`, NCHW, padded with zeros at the bottom / right to a "
+                        "common size"},
+            {"name": INPUT_NAMES[1], "shape": ["batch", "height", "width"], "dtype": "bool",
+             "meaning": "True on padding"},
+        ],
+        "outputs": [
+            {"name": OUTPUT_NAMES[0], "shape": ["batch", num_queries, num_classes + 1], "dtype": "float32",
+             "meaning": "class logits of each query (final decoder layer); the last class is 'no object'"},
+            {"name": OUTPUT_NAMES[1], "shape": ["batch", num_queries, 4], "dtype": "float32",
+             "meaning": "boxes (cx, cy, w, h), normalised by each image's own (unpadded) width and height"},
+        ],
+        "input_size": {"min_side": limits.min_side, "max_side": limits.max_side, "backbone_stride": stride},
+        "preprocess": {
+            **preprocess.to_dict(),
+            "resize": "scale s = min(eval_size / shorter side, max_size / longer side); new side = "
+                      "int(side * s) (round(side * s), at least 1, if that would be 0); bilinear, antialiased",
+            "normalize": "(uint8 / 255 - mean) / std per RGB channel",
+        },
+        "postprocess": "score, label = max over the first num_classes of softmax(pred_logits); box = pred_boxes "
+                       "as (x1, y1, x2, y2) times (width, height, width, height) of the original image",
+        "num_classes": num_classes,
+        "num_queries": num_queries,
+        "categories": {str(k): v for k, v in sorted(categories.items())},
+        "irpe": irpe,
+        "checked_against_pytorch": check,
+        "exported_by": {"detr_irpe": _package_version(), "torch": torch.__version__},
+    }
+
+
+def write_sidecar(info: dict, path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(info, indent=1) + "\n")
+    return path
+
+
+def read_sidecar(path) -> dict:
+    """The sidecar at ``path``; raises ``InputNotFoundError`` / ``UsageError`` naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"no sidecar JSON at {path}: an exported model is read with the {path.name} that "
+                                 f"detr_irpe's exporter writes beside it (pass its path if it lies elsewhere)")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is not a readable JSON file ({e})") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise UsageError(f"{path} is not a detr_irpe export sidecar: it lacks {', '.join(missing)}")
+    return info

@@ -1,0 +1,254 @@
+"""Export to ONNX / torch.export: onnxruntime and the loaded program compute what PyTorch computes.
+
+Two models are exported, once each (module fixtures, they dominate this file's time): a tiny DETR
+whose four encoder layers carry the four iRPE methods (bias and ctx, on q, k and v, shared and
+per-head tables, random tables), and a plain tiny DETR written to a checkpoint and exported by
+``tools/export.py``. Both are checked on padded batches of sizes not used at export.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detr_irpe import Detector
+from detr_irpe.config import Config
+from detr_irpe.data.transforms import model_input_transform
+from detr_irpe.engine.inference import LoadedDetector, load_detector
+from detr_irpe.errors import UsageError
+from detr_irpe.export import (
+    ExportMismatchError, OnnxDetector, Preprocessing, export_checkpoint, onnx_session, run_onnx, save_onnx,
+)
+from detr_irpe.export.exporter import check_options, _check
+from detr_irpe.export.program import sample_inputs
+from detr_irpe.irpe import RPEMultiheadAttention
+from detr_irpe.irpe.buckets import TABLE_METHODS, bucket_ids_2d
+from detr_irpe.models.backbone import mask_to_feature
+from helpers import COCO, TINY, randomize_tables, save_tiny_checkpoint, tiny_model, tool
+
+# one encoder layer per method; together: bias and ctx, q / k / v, shared and per-head tables
+SPECS = ["rpe-2.0-product-ctx-1-qkv", "rpe-2.0-euc-bias-0-qk", "rpe-1.9-quant-bias-1-qk", "rpe-2.5-cross-ctx-0-qkv"]
+# (batch, height, width) never used at export (traced at 67 x 101, checked at 87 x 50)
+NEW_SIZES = [(3, 64, 160), (2, 113, 70), (3, 150, 97)]
+CATEGORIES = {0: "circle", 1: "square", 2: "triangle", 3: "star"}
+SIZES = dict(eval_size=96, max_size=160)
+
+
+def max_diffs(got, want):
+    return {k: float((got[k] - want[k]).detach().abs().max()) for k in ("pred_logits", "pred_boxes")}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """The four-method model exported by ``Detector.export_onnx(format="torch-export")`` (which checks the
+    loaded program), its program then converted to ONNX. Returns (model, program result, onnx session)."""
+    model = tiny_model(SPECS[0], enc_layers=len(SPECS))
+    for layer, spec in zip(model.transformer.encoder.layers, SPECS):
+        layer.self_attn = RPEMultiheadAttention(TINY["hidden_dim"], TINY["nheads"], dropout=0.1, rpe=spec)
+    randomize_tables(model)
+    cfg = Config()
+    cfg.data.eval_size, cfg.data.max_size = SIZES["eval_size"], SIZES["max_size"]
+    out = tmp_path_factory.mktemp("mixed")
+    detector = Detector(LoadedDetector(model.eval(), None, cfg, CATEGORIES))
+    result = detector.export_onnx(out / "mixed.pt2", format="torch-export")
+    return model, result, onnx_session(save_onnx(result.program, out / "mixed.onnx"))
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A plain DETR (learned position embedding) saved as a checkpoint and exported by tools/export.py.
+    Returns (the loaded checkpoint, the checkpoint path, the ONNX path)."""
+    out = tmp_path_factory.mktemp("plain")
+    checkpoint = save_tiny_checkpoint(out / "checkpoint.pth", rpe=None, categories=CATEGORIES,
+                                      model_options={"position_embedding": "learned"}, **SIZES)
+    assert tool("export").main(["--checkpoint", str(checkpoint), "--out", str(out / "plain.onnx")]) == 0
+    return load_detector(str(checkpoint)), checkpoint, out / "plain.onnx"
+
+
+@pytest.mark.parametrize("batch, height, width", NEW_SIZES)
+def test_onnx_equals_pytorch_for_every_irpe_method_on_new_sizes(mixed, batch, height, width):
+    model, _, session = mixed
+    images, mask = sample_inputs(batch, (height, width), seed=height)
+    with torch.no_grad():
+        want = model(images, mask)
+    diffs = max_diffs(run_onnx(session, images, mask), want)
+    assert max(diffs.values()) <= 1e-4, diffs
+
+
+@pytest.mark.parametrize("batch, height, width", NEW_SIZES)
+def test_onnx_equals_pytorch_for_plain_detr_exported_by_the_cli(plain, batch, height, width):
+    detector, _, onnx_path = plain
+    images, mask = sample_inputs(batch, (height, width), seed=width)
+    with torch.no_grad():
+        want = detector.model(images, mask)
+    diffs = max_diffs(run_onnx(onnx_session(onnx_path), images, mask), want)
+    assert max(diffs.values()) <= 1e-4, diffs
+
+
+def test_torch_export_program_runs_a_new_size_after_loading(mixed):
+    model, result, _ = mixed
+    program = torch.export.load(str(result.model_path)).module()
+    images, mask = sample_inputs(2, (140, 75), seed=5)
+    with torch.no_grad():
+        want = model(images, mask)
+    logits, boxes = program(images, mask)
+    diffs = max_diffs({"pred_logits": logits, "pred_boxes": boxes}, want)
+    assert max(diffs.values()) <= 1e-4, diffs
+
+
+def test_sidecar_holds_what_preprocessing_and_decoding_need(plain, mixed):
+    info = json.loads(plain[2].with_suffix(".json").read_text())
+    assert (info["format"], info["model_file"], info["opset"]) == ("onnx", "plain.onnx", 20)
+    assert info["categories"] == {str(k): v for k, v in CATEGORIES.items()}
+    assert info["preprocess"]["eval_size"] == 96 and info["preprocess"]["max_size"] == 160
+    assert info["preprocess"]["mean"] == [0.485, 0.456, 0.406] and info["preprocess"]["std"] == [0.229, 0.224, 0.225]
+    assert [i["name"] for i in info["inputs"]] == ["images", "mask"]
+    assert info["inputs"][0]["shape"] == ["batch", 3, "height", "width"] and info["inputs"][1]["dtype"] == "bool"
+    assert [(o["name"], o["shape"]) for o in info["outputs"]] == [("pred_logits", ["batch", 5, 5]),
+                                                                   ("pred_boxes", ["batch", 5, 4])]
+    assert info["input_size"] == {"min_side": 17, "max_side": 800, "backbone_stride": 16}  # learned: 50 cells
+    assert info["irpe"] == [None]
+    assert info["checked_against_pytorch"]["max_abs_diff"]["pred_boxes"] <= 1e-4
+    program_info = json.loads(mixed[1].sidecar_path.read_text())
+    assert (program_info["format"], program_info["opset"], program_info["irpe"]) == ("torch-export", None, SPECS)
+    assert program_info["input_size"]["max_side"] is None
+
+
+def test_onnx_detector_detections_equal_the_pytorch_detectors(plain):
+    detector, _, onnx_path = plain
+    image = torch.randint(0, 256, (3, 70, 131), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    batch = model_input_transform(detector.config.data)(image)[None]
+    with torch.no_grad():
+        outputs = detector.model(batch, torch.zeros(1, *batch.shape[-2:], dtype=torch.bool))
+    want = detector.postprocessor(outputs, torch.tensor([[70, 131]]))[0]
+    onnx = OnnxDetector(onnx_path)
+    got = onnx.detect([image])[0]
+    assert onnx.categories == CATEGORIES
+    assert torch.equal(got["labels"], want["labels"])
+    torch.testing.assert_close(got["scores"], want["scores"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(got["boxes"], want["boxes"], rtol=0, atol=1e-4)
+
+
+def test_predict_with_onnx_writes_the_detections_of_predict_with_the_checkpoint(plain, tmp_path):
+    _, checkpoint, onnx_path = plain
+    images = sorted((COCO / "val2017").glob("*.jpg"))[:4]  # four sizes, batched two by two with padding
+    runs = {}
+    for flag, model in (("--checkpoint", checkpoint), ("--onnx", onnx_path)):
+        out = tmp_path / flag.strip("-")
+        argv = [flag, str(model), "--out", str(out), "--threshold", "0", "--batch-size", "2", *map(str, images)]
+        assert tool("predict").main(argv) == 0
+        runs[flag] = json.loads((out / "detections.json").read_text())
+        assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{i.stem}.png" for i in images)
+    for want, got in zip(runs["--checkpoint"], runs["--onnx"]):
+        assert (got["file"], got["height"], got["width"]) == (want["file"], want["height"], want["width"])
+        assert [d["label"] for d in got["detections"]] == [d["label"] for d in want["detections"]]
+        np.testing.assert_allclose([d["box"] for d in got["detections"]], [d["box"] for d in want["detections"]],
+                                   rtol=0, atol=1e-3)  # pixels of images up to 640 wide: 1e-4 of 640 / 96
+        np.testing.assert_allclose([d["score"] for d in got["detections"]],
+                                   [d["score"] for d in want["detections"]], rtol=0, atol=1e-4)
+
+
+def test_predict_with_a_truncated_onnx_model_says_so(plain, tmp_path, capsys):
+    onnx_path = plain[2]
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(onnx_path.read_bytes()[:5000])
+    cut.with_suffix(".json").write_text(onnx_path.with_suffix(".json").read_text())
+    code = tool("predict").main(["--onnx", str(cut), str(COCO / "val2017"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ONNX Runtime cannot load") and "Traceback" not in err
+
+
+def test_onnx_detector_gives_an_image_the_same_detections_whatever_it_is_batched_with(plain):
+    onnx = OnnxDetector(plain[2])
+    generator = torch.Generator().manual_seed(4)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator)
+              for h, w in [(70, 131), (120, 90), (50, 200)]]
+    images.insert(2, images[0].clone())  # batched with itself, and with images of other sizes
+    alone = onnx.detect(images[:1])[0]
+    batched = onnx.detect(images, batch_size=4)
+    for key in ("labels", "scores", "boxes"):
+        assert torch.equal(batched[0][key], alone[key]) and torch.equal(batched[2][key], alone[key]), key
+
+
+def test_onnx_detector_refuses_a_batch_below_the_exported_minimum(plain):
+    onnx = OnnxDetector(plain[2])
+    with pytest.raises(UsageError, match="from 17 pixels"):
+        onnx(torch.zeros(1, 3, 16, 40), torch.zeros(1, 16, 40, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("size", [(70, 131), (480, 640), (1, 500), (2000, 3), (96, 96), (33, 1000)])
+def test_preprocessing_equals_the_evaluation_transform(size):
+    cfg = Config().data
+    cfg.eval_size, cfg.max_size = SIZES["eval_size"], SIZES["max_size"]
+    image = torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(size[0]))
+    assert torch.equal(Preprocessing(cfg.eval_size, cfg.max_size)(image), model_input_transform(cfg)(image))
+
+
+def test_feature_mask_picks_the_cells_of_nearest_interpolation():
+    for n_in in range(1, 260, 3):
+        mask = torch.rand(1, n_in, n_in + 1, generator=torch.Generator().manual_seed(n_in)) > 0.5
+        for n_out in range(1, 40):
+            size = (n_out, max(1, n_out - 3))
+            want = F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+            assert torch.equal(mask_to_feature(mask, size), want), (n_in, n_out)
+
+
+@pytest.mark.parametrize("opset, why", [(17, "Below 18"), (23, "Attention operator")])
+def test_unsupported_opsets_are_refused_before_loading(tmp_path, capsys, opset, why):
+    with pytest.raises(UsageError, match=why):
+        export_checkpoint(str(tmp_path / "missing.pth"), tmp_path / "m.onnx", opset=opset)
+    code = tool("export").main(["--checkpoint", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "m.onnx"),
+                                "--opset", str(opset)])
+    assert code != 0 and f"error: ONNX opset {opset}" in capsys.readouterr().err
+
+
+def test_bad_output_names_are_refused(tmp_path):
+    with pytest.raises(UsageError, match="sidecar"):
+        check_options(tmp_path / "model.json", "onnx", None)
+    with pytest.raises(UsageError, match="ONNX only"):
+        check_options(tmp_path / "model.pt2", "torch-export", 18)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_torchscript_tracing_of_irpe_is_refused():
+    class SelfAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = RPEMultiheadAttention(8, 2, rpe="rpe-2.0-product-ctx-1-k")
+
+        def forward(self, x):
+            return self.attn(x, x, x, hw=(3, 4))[0]
+
+    with pytest.raises(RuntimeError, match="torch.jit.trace"):
+        torch.jit.trace(SelfAttention().eval(), (torch.randn(12, 1, 8),))
+
+
+def test_a_disagreeing_export_is_an_error(mixed):
+    model, _, session = mixed
+    images, mask = sample_inputs(2, (64, 64))
+
+    def off_by_a_little(x, m):
+        out = run_onnx(session, x, m)
+        return {**out, "pred_logits": out["pred_logits"] + 0.01}
+
+    with pytest.raises(ExportMismatchError, match="disagrees"):
+        _check(off_by_a_little, model, images, mask, "ONNX model")
+
+
+def test_bucket_ids_computed_in_onnx_equal_bucket_ids_2d(tmp_path):
+    ratios = (1.9, 7.3)  # a fractional ratio, and one whose exact range the sizes below exceed
+
+    class Ids(torch.nn.Module):
+        def forward(self, x):
+            h, w = x.shape[-2:]
+            return tuple(bucket_ids_2d(m, h, w, r)[0] for r in ratios for m in TABLE_METHODS)
+
+    dims = {"x": {2: torch.export.Dim("h", min=2), 3: torch.export.Dim("w", min=2)}}
+    program = torch.export.export(Ids(), (torch.zeros(1, 1, 5, 7),), dynamic_shapes=dims)
+    torch.onnx.export(program, dynamo=True, verbose=False).save(str(tmp_path / "ids.onnx"))
+    session = onnx_session(tmp_path / "ids.onnx")
+    for h, w in [(2, 3), (40, 9), (33, 47), (1, 120)]:
+        got = session.run(None, {"x": np.zeros((1, 1, h, w), np.float32)})
+        want = [bucket_ids_2d(m, h, w, r)[0].numpy() for r in ratios for m in TABLE_METHODS]
+        assert all(np.array_equal(g, wn) for g, wn in zip(got, want)), (h, w)
