@@ -1,11 +1,24 @@
 """The demo end to end on a few images and iterations: every file it promises is written."""
+import itertools
 import json
+import time
 from pathlib import Path
 
-from detr_irpe.apps.demo import DemoSettings, run_demo
+from detr_irpe.apps.demo import DemoSettings, build_demo_config, cap_schedule, run_demo
 
 
-def test_demo_smoke(tmp_path):
+def test_the_shipped_schedule_is_fixed():
+    settings = DemoSettings()
+    cfg = build_demo_config(settings)
+    assert cfg.train.pretrain_iterations == 300
+    assert cap_schedule(cfg, settings.num_train // cfg.train.batch_size, settings.max_iterations) == 3000
+
+
+def test_demo_smoke(tmp_path, monkeypatch):
+    # a clock on which every reading is a minute later: a schedule planned from timings would shrink
+    for name in ("time", "perf_counter", "monotonic"):
+        ticks = itertools.count(start=1e9, step=60.0)
+        monkeypatch.setattr(time, name, lambda ticks=ticks: next(ticks))
     settings = DemoSettings(
         output_dir=str(tmp_path / "run"), data_root=str(tmp_path / "data"),
         num_train=16, num_val=4, image_size=64, num_pictures=2, max_iterations=3, max_pretrain_iterations=4, quiet=True,
