@@ -8,7 +8,7 @@ install:
 	$(PIP) install -q --no-deps -e .
 
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 test-all: install
 	$(PYTHON) -m pytest -q -m ""

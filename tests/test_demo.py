@@ -4,6 +4,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from detr_irpe.apps.demo import DemoSettings, build_demo_config, cap_schedule, run_demo
 
 
@@ -14,6 +16,7 @@ def test_the_shipped_schedule_is_fixed():
     assert cap_schedule(cfg, settings.num_train // cfg.train.batch_size, settings.max_iterations) == 3000
 
 
+@pytest.mark.filterwarnings("ignore:Creating legend")  # matplotlib times itself on the fake clock
 def test_demo_smoke(tmp_path, monkeypatch):
     # a clock on which every reading is a minute later: a schedule planned from timings would shrink
     for name in ("time", "perf_counter", "monotonic"):

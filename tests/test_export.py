@@ -252,3 +252,23 @@ def test_bucket_ids_computed_in_onnx_equal_bucket_ids_2d(tmp_path):
         got = session.run(None, {"x": np.zeros((1, 1, h, w), np.float32)})
         want = [bucket_ids_2d(m, h, w, r)[0].numpy() for r in ratios for m in TABLE_METHODS]
         assert all(np.array_equal(g, wn) for g, wn in zip(got, want)), (h, w)
+
+
+def test_an_irpe_model_zoo_checkpoint_exports(tmp_path):
+    """The release's format (DETR's ``args`` Namespace with ``enc_rpe2d``, no config of ours), with
+    a small ResNet so that the test stays fast."""
+    import argparse
+
+    spec = "rpe-2.0-product-ctx-1-k"
+    model = tiny_model(spec, backbone="resnet18", num_classes=91)
+    args = argparse.Namespace(backbone="resnet18", dilation=False, position_embedding="sine",
+                              hidden_dim=TINY["hidden_dim"], nheads=TINY["nheads"], enc_layers=TINY["enc_layers"],
+                              dec_layers=TINY["dec_layers"], dim_feedforward=TINY["dim_feedforward"], dropout=0.1,
+                              pre_norm=False, num_queries=TINY["num_queries"], enc_rpe2d=spec, aux_loss=True,
+                              dataset_file="coco", masks=False)
+    checkpoint = tmp_path / "irpe_detr.pth"
+    torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 149, "args": args}, checkpoint)
+    result = export_checkpoint(str(checkpoint), tmp_path / "zoo.pt2", fmt="torch-export")
+    info = json.loads(result.sidecar_path.read_text())
+    assert info["irpe"] == [spec] and info["outputs"][0]["shape"] == ["batch", TINY["num_queries"], 92]
+    assert max(result.max_abs_diff.values()) <= 1e-4
