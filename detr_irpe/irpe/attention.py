@@ -51,7 +51,8 @@ class RPEMultiheadAttention(nn.Module):
 
     ``need_weights=True`` or an ``attn_mask`` always takes the explicit / SDPA path, and so does
     an export (``torch.export``, ``torch.onnx.export(..., dynamo=True)``), as explicit weights,
-    with the bucket ids computed inside the graph from the feature-map size. The choice is :func:`choose_impl`'s. All paths agree to rounding (tested against a naive float64 reference).
+    with the bucket ids computed inside the graph from the feature-map size. The choice is
+    :func:`choose_impl`'s. All paths agree to rounding (tested against a naive float64 reference).
 
     Args:
         embed_dim: model width ``C``.
@@ -280,7 +281,7 @@ def choose_impl(rpe_impl: str, config: Optional[RPEConfig], device_type: str, dt
     Without iRPE the kernel serves only CPU training with dropout, where SDPA has no flash kernel
     and forms the full weights. Its bucket ids are int16, so larger tables (the product method
     from ratio 45.5 on) take the row-chunked kernel. Neither the compiled kernel nor the
-    row-chunked autograd Function can be traced, so an export takes the SDPA path whatever
+    row-chunked autograd Function can be traced, so an export takes the ``"export"`` path whatever
     ``rpe_impl`` asks for (all paths compute the same attention). ``torch.jit.trace`` would
     record the bucket ids of the trace size as constants, so an iRPE layer refuses it.
     """
