@@ -26,6 +26,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import DetrIrpeError
+from .files import atomic_write_text
 from .irpe import parse_rpe_spec
 
 
@@ -172,14 +173,19 @@ def _coerce(value: Any, tp, where: str) -> Any:
             return int(value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+            except OverflowError:  # an integer beyond the range of a float
+                number = float("inf")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not abs(number) < float("inf"):  # refuses nan too: it fails every comparison
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -294,6 +300,18 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
     return cfg
 
 
+def override_keys(overrides: typing.Sequence[str]) -> set:
+    """The ``section.key`` names that ``key=value`` overrides set (a bare key named by its section)."""
+    keys = set()
+    for item in overrides:
+        key = item.split("=", 1)[0].strip().lstrip("-")
+        if "." not in key:
+            owners = _owner_sections(key)
+            key = f"{owners[0]}.{key}" if len(owners) == 1 else key
+        keys.add(key)
+    return keys
+
+
 def validate(cfg: Config) -> Config:
     """Range checks that catch a bad config before any training time is spent."""
     m, d, t = cfg.model, cfg.data, cfg.train
@@ -351,7 +369,8 @@ def validate(cfg: Config) -> Config:
 
 
 def save_config(cfg: Config, path: Union[str, Path]) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write ``cfg`` as YAML (atomically)."""
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_from_dict(data: dict) -> Config:

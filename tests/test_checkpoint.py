@@ -1,5 +1,7 @@
 """Checkpoint files: the official format, refusing code, corrupt files, strict loading, fine-tuning."""
 import argparse
+import os
+import pickle
 import urllib.error
 
 import pytest
@@ -20,18 +22,35 @@ class NotATensor:
         self.value = 1
 
 
+class RunsAShellCommand:
+    """What a malicious checkpoint holds: unpickling it calls ``os.system(command)``."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+WRITERS = {  # how a file may hold a pickle: torch.save's zip, its legacy stream, a bare pickle (STACK_GLOBAL)
+    "zip": lambda obj, path: torch.save(obj, path),
+    "legacy": lambda obj, path: torch.save(obj, path, _use_new_zipfile_serialization=False),
+    "pickle protocol 4": lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=4)),
+}
+
+
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
     return build_detr(**{**TINY, **overrides})[0]
 
 
-def save_official_format(path, model, args=None):
-    """A file as the DETR / iRPE training scripts write it."""
+def save_official_format(path, model, args=None, zipped=True):
+    """A file as the DETR / iRPE training scripts write it (``zipped=False``: before PyTorch 1.6)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 100).state_dict(), "epoch": 149,
                 "args": args if args is not None else argparse.Namespace(lr=1e-4, backbone="resnet50", rpe=None)},
-               path)
+               path, _use_new_zipfile_serialization=zipped)
 
 
 def same_weights(a, b):
@@ -39,9 +58,10 @@ def same_weights(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_official_format_round_trip(tmp_path):
+@pytest.mark.parametrize("zipped", [True, False])
+def test_official_format_round_trip(tmp_path, zipped):
     source = tiny_model(seed=0)
-    save_official_format(tmp_path / "checkpoint.pth", source)
+    save_official_format(tmp_path / "checkpoint.pth", source, zipped=zipped)
     checkpoint = load_checkpoint_file(tmp_path / "checkpoint.pth")
     assert isinstance(checkpoint["args"], argparse.Namespace) and checkpoint["epoch"] == 149
     target = tiny_model(seed=1)
@@ -60,6 +80,39 @@ def test_arbitrary_classes_are_refused(tmp_path):
     assert "weights_only=True" in message and "argparse.Namespace" in message
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, about the bare pickle
+@pytest.mark.parametrize("how", WRITERS)
+def test_a_checkpoint_that_would_run_code_is_refused_naming_the_function(tmp_path, how):
+    marker = tmp_path / "pwned"
+    WRITERS[how]({"model": {"w": torch.zeros(2)}, "args": RunsAShellCommand(f'echo pwned > "{marker}"')},
+                 tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(tmp_path / "evil.pth")
+    message = str(info.value)
+    assert f"refusing to load {tmp_path / 'evil.pth'}: its pickle names '{os.system.__module__}.system'" in message
+    assert "arbitrary code" in message and ".safetensors" in message
+    assert "weights_only=False" not in message and "corrupt" not in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name,content,looks", [
+    ("config.yaml", b"model:\n  rpe: rpe-2.0-product-ctx-1-k\n  hidden_dim: 256\n",
+     "text (YAML, JSON or similar) starting with 'model:\\n  rpe: rpe-2.0-product-ctx-1-k\\n  '...;"),
+    ("weights.json", b'{"model": {"w": [0.0]}}', "text (YAML, JSON or similar) starting with '{\"model\": {\"w\": [0.0]}}';"),
+    ("picture.png", b"\x89PNG\r\n\x1a\n" + bytes(32), "a PNG image;"),
+    ("photo.jpg", b"\xff\xd8\xff\xe0" + bytes(32), "a JPEG image;"),
+    ("empty.pth", b"", "empty (0 bytes);"),
+    ("noise.pth", bytes(range(1, 40)), "binary data starting with the bytes 01 02 03 04 05 06 07 08;"),
+])
+def test_a_file_that_is_not_a_checkpoint_says_what_it_is(tmp_path, name, content, looks):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(tmp_path / name)
+    message = str(info.value)
+    assert f"{name} is not a PyTorch checkpoint: it is {looks}" in message
+    assert "run code" not in message and "weights_only=False" not in message
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.98])
 def test_truncated_file_is_reported_as_corrupt(tmp_path, keep):
     save_official_format(tmp_path / "full.pth", tiny_model())
@@ -72,9 +125,6 @@ def test_truncated_file_is_reported_as_corrupt(tmp_path, keep):
 def test_other_unreadable_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint file not found: .*nope.pth"):
         load_checkpoint_file(tmp_path / "nope.pth")
-    (tmp_path / "empty.pth").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        load_checkpoint_file(tmp_path / "empty.pth")
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="holds a list, expected a dict"):
         load_checkpoint_file(tmp_path / "list.pth")
@@ -116,6 +166,18 @@ def test_strict_loading_lists_what_differs():
     assert "class_embed.weight: model expects [5, 32], checkpoint has [8, 32]" in message
     assert "class_embed.bias: model expects [5], checkpoint has [8]" in message
     assert "load_for_finetuning" in message
+
+
+def test_mismatch_hints_say_what_to_type_on_the_command_line():
+    with pytest.raises(CheckpointError) as classes:
+        load_model_weights(tiny_model(), tiny_model(num_classes=7).state_dict())
+    with pytest.raises(CheckpointError) as tables:
+        load_model_weights(tiny_model(rpe=RPE), tiny_model().state_dict())
+    assert "hint: class_embed / query_embed differ (another num_classes / num_queries): to fine-tune, pass the " \
+           "checkpoint as train.pretrained=PATH, which re-initialises those heads" in str(classes.value)
+    assert "hint: only iRPE tables are missing: to start an iRPE model from a plain DETR checkpoint, pass it as " \
+           "train.pretrained=PATH, which starts the missing tables at zero" in str(tables.value)
+    assert all("(in Python: load_for_finetuning)" in str(e.value) for e in (classes, tables))
 
 
 def test_irpe_checkpoint_into_plain_model_names_the_tables():

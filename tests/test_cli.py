@@ -19,7 +19,20 @@ def corrupt(tmp_path_factory):
     return path
 
 
-def cases(corrupt, good, tmp):
+@pytest.fixture(scope="module")
+def not_checkpoints(tmp_path_factory):
+    """A checkpoint whose unpickling would run a shell command, and a config passed as a checkpoint."""
+    class RunsAShellCommand:
+        def __reduce__(self):
+            return os.system, ("echo pwned",)
+
+    folder = tmp_path_factory.mktemp("not_checkpoints")
+    torch.save({"model": {"w": torch.zeros(2)}, "args": RunsAShellCommand()}, folder / "malicious.pth")
+    (folder / "config.yaml").write_text("model:\n  hidden_dim: 64\n")
+    return folder
+
+
+def cases(corrupt, good, tmp, not_checkpoints):
     """``(tool, argv, what the error names)`` for each tool and kind of bad input."""
     bad_lr = "train.lr=fast"
     data = [f"data.root={COCO}", "data.num_workers=0", "data.train_images=train2017",
@@ -53,8 +66,12 @@ def cases(corrupt, good, tmp):
         ("demo", ["--data-root", str(tmp / "data"), bad_lr], "train.lr"),
         ("pretrain_backbone", ["--config", "demo", "--out", str(tmp / "b.pth"), bad_lr], "train.lr"),
         ("train", ["--config", "demo", "model.rpe=rpe-2.0-spiral-ctx-1-k"], "unknown method 'spiral'"),
-        # a corrupt checkpoint
+        ("train", ["--config", "demo", "train.lr=.inf"], "train.lr: expected a finite number"),
+        # a corrupt checkpoint, or none at all
         ("eval", ["--checkpoint", str(corrupt)], "corrupt or truncated"),
+        ("eval", ["--checkpoint", str(not_checkpoints / "malicious.pth")],
+         f"its pickle names '{os.system.__module__}.system'"),
+        ("eval", ["--checkpoint", str(not_checkpoints / "config.yaml")], "config.yaml is not a PyTorch checkpoint"),
         ("convert_checkpoint", ["--to", "hf", str(corrupt), str(tmp / "hf")], "corrupt or truncated"),
         ("predict", ["--checkpoint", str(corrupt), img, "--out", str(tmp)], "corrupt or truncated"),
         ("export", ["--checkpoint", str(corrupt), "--out", str(tmp / "m.onnx")], "corrupt or truncated"),
@@ -67,14 +84,14 @@ def cases(corrupt, good, tmp):
     ]
 
 
-def test_every_tool_is_covered(corrupt, tiny_checkpoint, tmp_path):
-    named = {name.replace("_", "-") for name, _, _ in cases(corrupt, tiny_checkpoint, tmp_path)}
+def test_every_tool_is_covered(corrupt, tiny_checkpoint, tmp_path, not_checkpoints):
+    named = {name.replace("_", "-") for name, _, _ in cases(corrupt, tiny_checkpoint, tmp_path, not_checkpoints)}
     scripts = {p.stem.replace("_", "-") for p in (REPO / "tools").glob("*.py")}
     assert named == set(COMMANDS) == scripts
 
 
-def test_bad_input_gives_one_error_line(corrupt, tiny_checkpoint, tmp_path, capsys):
-    for name, argv, names in cases(corrupt, tiny_checkpoint, tmp_path):
+def test_bad_input_gives_one_error_line(corrupt, tiny_checkpoint, tmp_path, not_checkpoints, capsys):
+    for name, argv, names in cases(corrupt, tiny_checkpoint, tmp_path, not_checkpoints):
         code = tool(name).main(argv)
         out, err = capsys.readouterr()
         where = f"tools/{name}.py {' '.join(argv)}"

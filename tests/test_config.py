@@ -1,7 +1,14 @@
 """Typed config: YAML + overrides, unknown keys named with the closest valid one, range checks."""
+import dataclasses
+import typing
+
 import pytest
 
 from detr_irpe.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, save_config
+
+FLOAT_KEYS = [f"{section.name}.{name}" for section in dataclasses.fields(Config)
+              for name, tp in typing.get_type_hints(section.default_factory).items()
+              if tp in (float, typing.Optional[float])]
 
 
 def test_defaults_are_detr_r50():
@@ -38,6 +45,22 @@ def test_bad_overrides_name_the_key(override, expected):
     with pytest.raises(ConfigError) as info:
         apply_overrides(Config(), [override])
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "inf", "1e999"])
+def test_every_float_field_refuses_nan_and_infinity(value):
+    assert "train.lr" in FLOAT_KEYS and "train.max_minutes" in FLOAT_KEYS
+    for key in FLOAT_KEYS:
+        with pytest.raises(ConfigError) as info:
+            apply_overrides(Config(), [f"{key}={value}"])
+        assert f"{key}: expected a finite number, got " in str(info.value), key
+
+
+def test_a_yaml_file_with_an_infinite_value_names_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match=r"train.lr: expected a finite number, got inf"):
+        load_config(path)
 
 
 def test_unknown_yaml_key_names_file_and_closest(tmp_path):

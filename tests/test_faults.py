@@ -10,7 +10,7 @@ from detr_irpe.config import load_config
 from detr_irpe.engine.checkpoint import load_checkpoint_file
 from detr_irpe.engine.state import CheckpointKeeper, atomic_save
 from detr_irpe.engine.step import NonFiniteLossError
-from detr_irpe.engine.train import Trainer
+from detr_irpe.engine.train import Trainer, TrainingStopped
 
 
 def make_cfg(out, **extra):
@@ -39,9 +39,11 @@ def test_sigterm_then_resume_equals_straight_run(tmp_path):
 
     interrupted = Trainer(make_cfg(tmp_path / "split"), quiet=True)
     handle = sigterm_after(interrupted.model, calls=4)  # during epoch 1, iteration 0
-    result = interrupted.fit()
+    with pytest.raises(TrainingStopped) as stopped:  # an unfinished run is not a finished one
+        interrupted.fit()
     handle.remove()
-    assert result["stopped"] and (result["epoch"], result["step_in_epoch"]) == (1, 1)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert (interrupted.epoch, interrupted.step_in_epoch) == (1, 1)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
 
     resumed = Trainer(make_cfg(tmp_path / "split"), resume=str(tmp_path / "split" / "checkpoint.pth"), quiet=True)

@@ -16,16 +16,20 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence
+
+from tqdm import tqdm
 
 from ..config import load_config, validate
 from ..data.check import check_config_data, check_config_splits, check_dataset, report_and_exit_code
 from ..engine.convert import FORMATS, convert_checkpoint
 from ..engine.evaluate import evaluate_checkpoint
 from ..engine.pretrain import pretrain_backbone
-from ..engine.train import train
+from ..engine.train import TrainingStopped, resume_training, train
 from ..errors import DetrIrpeError, UsageError
 from ..export import DEFAULT_OPSET, FORMATS as EXPORT_FORMATS, ONNX_OPSETS, export_checkpoint
 from . import pictures
@@ -40,6 +44,11 @@ def _overrides(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. train.lr=2e-4 model.rpe=null")
 
 
+def _overwrite(parser: argparse.ArgumentParser, what: str = "files of an earlier run") -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} (never this command's inputs); without it they are never replaced")
+
+
 def _checkpoint_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint file, http(s) URL")
     parser.add_argument("--config", help="YAML config (a path or a shipped name); default: the checkpoint's")
@@ -50,34 +59,44 @@ def _checkpoint_options(parser: argparse.ArgumentParser) -> None:
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config: a path or a shipped name such as detr_r50 (see configs/)")
-    p.add_argument("--resume", help="checkpoint.pth of an interrupted run to continue")
+    p.add_argument("--resume", help="checkpoint.pth of a run to continue, in its folder, with its config "
+                                    "(and --config / overrides on top)")
     p.add_argument("--check-data", action="store_true",
                    help="check the train and val datasets (like check-data) and stop without training")
     _overrides(p)
 
 
 def _train(args) -> int:
+    if args.resume and not args.check_data:
+        resume_training(args.resume, args.config, args.overrides)
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.check_data:
         return check_config_data(cfg.data, progress=sys.stderr.isatty())
-    train(cfg, resume=args.resume)
+    train(cfg)
     return 0
 
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
     _checkpoint_options(p)
     p.add_argument("--data-root", help="dataset root (data.root)")
-    p.add_argument("--output-dir", help="where detections.json and metrics.json go")
+    p.add_argument("--output-dir", help="where detections.json and metrics.json go (default: eval_<name> "
+                                        "beside the checkpoint, numbered if taken)")
     p.add_argument("--batch-size", type=int, help="images per batch (default: the config's train.batch_size)")
     p.add_argument("--batched-backbone", action="store_true",
                    help="run the CNN on padded batches (faster on a GPU; detections then depend on the batch)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail when the model's classes are not the annotations' categories (default: a warning)")
+    _overwrite(p, "metrics.json / detections.json in --output-dir")
     _overrides(p)
 
 
 def _eval(args) -> int:
     overrides = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
-    evaluate_checkpoint(args.checkpoint, args.config, overrides, args.output_dir, args.device, args.batch_size,
-                        batched_backbone=args.batched_backbone)
+    metrics = evaluate_checkpoint(args.checkpoint, args.config, overrides, args.output_dir, args.device,
+                                  args.batch_size, batched_backbone=args.batched_backbone, overwrite=args.overwrite,
+                                  strict=args.strict)
+    print(f"metrics.json and detections.json written to {metrics['output_dir']}")
     return 0
 
 
@@ -114,6 +133,7 @@ def _pretrain_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, help="stop earlier once this much wall time has passed")
     p.add_argument("--batch-size", type=int, help="train.pretrain_batch_size (default: the config's)")
     p.add_argument("--lr", type=float, help="train.pretrain_lr, AdamW (default: the config's)")
+    _overwrite(p, "an existing --out file")
     _overrides(p)
 
 
@@ -124,7 +144,8 @@ def _pretrain(args) -> int:
             setattr(cfg.train, f"pretrain_{key}", value)
     cfg.train.pretrain_iterations = cfg.train.pretrain_iterations or 1000
     validate(cfg)
-    result = pretrain_backbone(cfg, args.out, seconds=None if args.minutes is None else 60.0 * args.minutes)
+    result = pretrain_backbone(cfg, args.out, seconds=None if args.minutes is None else 60.0 * args.minutes,
+                               overwrite=args.overwrite)
     print(f"{result.iterations} iterations in {result.seconds:.0f}s, loss {result.first_loss:.4f} -> "
           f"{result.last_loss:.4f}; backbone written to {result.path}\n"
           f"train with: model.backbone_weights={result.path}")
@@ -141,12 +162,13 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (a path or a shipped name); default: the checkpoint's")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--out", required=True, help="output folder for PNGs and detections.json")
+    p.add_argument("--out", required=True, help="output folder for PNGs and detections.json (not the inputs' folder)")
     p.add_argument("--threshold", type=float, default=0.7, help="minimum score to keep a box (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="images per batch (default %(default)s)")
     p.add_argument("--batched-backbone", action="store_true",
                    help="run the CNN on padded batches (faster on a GPU; detections then depend on the batch)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    _overwrite(p, "pictures and detections.json of an earlier run in --out")
 
 
 def _predict(args) -> int:
@@ -154,10 +176,12 @@ def _predict(args) -> int:
         if args.config or args.set or args.batched_backbone:
             raise UsageError("--config, --set and --batched-backbone apply to --checkpoint; an ONNX model "
                              "carries its preprocessing in its .json")
-        results = predict_onnx(args.onnx, args.inputs, args.out, args.threshold, batch_size=args.batch_size)
+        results = predict_onnx(args.onnx, args.inputs, args.out, args.threshold, batch_size=args.batch_size,
+                               overwrite=args.overwrite)
     else:
         results = predict_path(args.checkpoint, args.inputs, args.out, args.threshold, args.config, args.set,
-                               args.device, batch_size=args.batch_size, batched_backbone=args.batched_backbone)
+                               args.device, batch_size=args.batch_size, batched_backbone=args.batched_backbone,
+                               overwrite=args.overwrite)
     total = sum(len(r["detections"]) for r in results)
     skipped = sum("error" in r for r in results)
     note = f" ({skipped} unreadable, skipped)" if skipped else ""
@@ -177,6 +201,7 @@ def _picture_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="*", help="image files or folders")
     p.add_argument("--val", type=int, metavar="N",
                    help="also the first N validation images of the config's dataset, with ground truth")
+    _overwrite(p, "pictures of an earlier run in --out")
 
 
 def _visualize_parser(p: argparse.ArgumentParser) -> None:
@@ -216,13 +241,14 @@ def _curves_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--names", nargs="*", help="legend names (default: each log's folder name)")
     p.add_argument("--title")
+    _overwrite(p, "an existing --out file")
 
 
 def _visualize(args) -> int:
     if args.picture == "curves":
-        written = [pictures.plot_logs(args.logs, args.out, args.names, args.title)]
+        written = [pictures.plot_logs(args.logs, args.out, args.names, args.title, overwrite=args.overwrite)]
     else:
-        common = dict(config=args.config, overrides=args.set, device=args.device)
+        common = dict(config=args.config, overrides=args.set, device=args.device, overwrite=args.overwrite)
         if args.picture == "boxes":
             written = pictures.draw_boxes(args.checkpoint, args.out, args.images, args.val, args.threshold,
                                           args.min_size, **common)
@@ -239,7 +265,7 @@ def _visualize(args) -> int:
 
 
 def _plot_logs(args) -> int:
-    print(pictures.plot_logs(args.logs, args.out, args.names, args.title))
+    print(pictures.plot_logs(args.logs, args.out, args.names, args.title, overwrite=args.overwrite))
     return 0
 
 
@@ -290,10 +316,11 @@ def _convert_parser(p: argparse.ArgumentParser) -> None:
                         "(the default for DC5, which transformers dilates only with timm)")
     p.add_argument("src", help="checkpoint: .pth or .safetensors file, Hugging Face folder or hub id, or http(s) URL")
     p.add_argument("out", help="output file (ours, safetensors) or folder (hf)")
+    _overwrite(p, "an existing output")
 
 
 def _convert(args) -> int:
-    print(f"wrote {convert_checkpoint(args.src, args.out, args.to, args.hf_backbone)}")
+    print(f"wrote {convert_checkpoint(args.src, args.out, args.to, args.hf_backbone, overwrite=args.overwrite)}")
     return 0
 
 
@@ -308,10 +335,12 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
                    help=f"ONNX opset, {ONNX_OPSETS.start}-{ONNX_OPSETS.stop - 1} (default {DEFAULT_OPSET})")
     p.add_argument("--config", help="YAML config (a path or a shipped name); default: the checkpoint's")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    _overwrite(p, "an existing model file and its .json")
 
 
 def _export(args) -> int:
-    result = export_checkpoint(args.checkpoint, args.out, args.format, args.opset, args.config, args.set)
+    result = export_checkpoint(args.checkpoint, args.out, args.format, args.opset, args.config, args.set,
+                               overwrite=args.overwrite)
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in result.max_abs_diff.items())
     print(f"wrote {result.model_path} and {result.sidecar_path} in {result.seconds:.1f} s; "
           f"max |difference| to PyTorch on a padded batch of a new size: {diffs}")
@@ -356,20 +385,67 @@ def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentP
     return parser
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars still drawing, so that a message starts on a line of its own."""
+    bars = [bar for bar in list(getattr(tqdm, "_instances", ())) if not bar.disable]
+    for bar in bars:
+        bar.close()
+    if bars and not sys.stderr.isatty():  # a log file keeps the bar's text: end its line
+        sys.stderr.write("\n")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one ``warning: <message>`` line, above any progress bar."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _one_line_warnings(debug: bool):
+    if debug:
+        yield
+        return
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+def _os_error_line(error: OSError) -> str:
+    where = f": {error.filename}" if error.filename else ""
+    return f"{error.strerror or error}{where}"
+
+
 def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """``run(args)``, with a documented error printed as one ``error:`` line (exit code 1) and
-    Ctrl-C as ``interrupted`` (130), unless debugging is asked for."""
+    """``run(args)``, with a documented error printed as one ``error:`` line (exit code 1), a
+    training stopped by a signal as its message (exit code 128 + the signal), an operating-system
+    error on a named file (no permission, a full disk) as one line, Ctrl-C as ``interrupted``
+    (130) and warnings as ``warning:`` lines, unless debugging is asked for."""
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     try:
-        return int(run(args) or 0)
+        with _one_line_warnings(debug):
+            return int(run(args) or 0)
+    except TrainingStopped as e:
+        _end_progress_bars()
+        print(str(e), file=sys.stderr, flush=True)
+        return e.exit_code
     except DetrIrpeError as e:
         if debug:
             raise
+        _end_progress_bars()
         print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as e:
+        if debug or not e.filename:
+            raise
+        _end_progress_bars()
+        print(f"error: {_os_error_line(e)}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         if debug:
             raise
+        _end_progress_bars()
         print("interrupted", file=sys.stderr, flush=True)
         return 130
 

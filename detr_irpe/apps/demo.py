@@ -14,18 +14,18 @@ so. The same code uses a GPU when ``train.device=auto`` finds one.
 """
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-import torch
-
 from ..config import CONFIG_DIR, Config, apply_overrides, load_config, validate
 from ..data import ensure_synthetic_dataset
+from ..engine.distributed import pick_device
 from ..engine.pretrain import PretrainResult, pretrain_backbone
+from ..engine.run_folder import run_files
 from ..engine.train import Trainer
+from ..files import atomic_write_json, fresh_folder
 from . import pictures
 
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -100,7 +100,7 @@ def _pretrain(settings: DemoSettings, cfg: Config, seconds: Optional[float]) -> 
 def draw_pictures(checkpoint: Path, out: Path, cfg: Config, num_images: int, quiet: bool = True) -> dict:
     """Predictions vs ground truth on the first validation images, encoder / decoder attention,
     the learned iRPE tables (iRPE models only) and the training curves. Returns the paths."""
-    device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
+    device = pick_device(cfg.train.device, "train.device")
     written = {"boxes": [str(p) for p in pictures.draw_boxes(str(checkpoint), out / "boxes", val=num_images,
                                                              threshold=0.5, min_size=384, device=device)]}
     written["attention"] = [str(p) for p in pictures.draw_attention(
@@ -119,6 +119,9 @@ def run_demo(settings: DemoSettings) -> dict:
     """Generate the data, pretrain and train on the config's schedule, evaluate, draw; returns (and
     writes to ``<output_dir>/demo_summary.json``) the metrics, iteration counts, timings and paths."""
     build_demo_config(settings)  # a bad config or override fails here, before any work
+    if run_files(Path(settings.output_dir)):  # an earlier run is never replaced
+        earlier, settings = settings.output_dir, replace(settings, output_dir=str(fresh_folder(settings.output_dir)))
+        _say(settings, f"[demo] {earlier} holds an earlier run, kept as it is; this run goes to {settings.output_dir}")
     t0 = time.time()
     layout = ensure_synthetic_dataset(settings.data_root, settings.num_train, settings.num_val,
                                       settings.image_size, settings.data_seed, max_objects=settings.max_objects)
@@ -183,7 +186,7 @@ def run_demo(settings: DemoSettings) -> dict:
         },
         "settings": asdict(settings),
     }
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "demo_summary.json", summary, indent=2)
     _print_summary(settings, summary)
     return summary
 

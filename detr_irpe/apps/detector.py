@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..data.images import read_rgb
+from ..data.images import pil_to_rgb, read_rgb
+from ..engine.distributed import pick_device
 from ..engine.inference import LoadedDetector, load_detector
 from ..errors import UsageError
 from ..export import ExportResult, export_detector
@@ -29,11 +30,12 @@ ImageLike = Union[str, Path, Image.Image, Tensor, np.ndarray]
 
 def as_image_tensor(image: ImageLike) -> Tensor:
     """``(3, H, W)`` RGB: uint8 for files, PIL images and uint8 arrays / tensors; a float tensor
-    (values in [0, 1]) stays float. Arrays and tensors may also be ``(H, W, 3)``."""
+    (values in [0, 1]) stays float. Arrays and tensors may also be ``(H, W, 3)``. Files and PIL images
+    are read as photo viewers show them (EXIF orientation applied, any mode converted as predict does)."""
     if isinstance(image, (str, Path)):
         return read_rgb(image)
     if isinstance(image, Image.Image):
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+        return pil_to_rgb(image, exif=True)
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image))
     if not isinstance(image, Tensor):
@@ -66,9 +68,7 @@ class Detector:
     def from_checkpoint(cls, path_or_url: Union[str, Path], device: str = "auto", config: Optional[str] = None,
                         overrides: Sequence[str] = ()) -> "Detector":
         """Build the model the checkpoint describes; ``device="auto"`` takes a GPU when there is one."""
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(load_detector(str(path_or_url), config, overrides, device=device))
+        return cls(load_detector(str(path_or_url), config, overrides, device=pick_device(device, "device")))
 
     @property
     def model(self) -> torch.nn.Module:
@@ -90,12 +90,13 @@ class Detector:
         return [detection_records(d, threshold, self.categories) for d in detections]
 
     def export_onnx(self, path: Union[str, Path], opset: Optional[int] = None,
-                    format: str = "onnx") -> ExportResult:
+                    format: str = "onnx", overwrite: bool = False) -> ExportResult:
         """Write the model as ONNX (or ``format="torch-export"``: a ``.pt2`` program) with dynamic
         batch, height and width, and ``<path stem>.json`` beside it (class names, preprocessing).
         The written file is checked against this model before it is kept (see
-        :func:`detr_irpe.export.export_detector`). A model on a GPU is exported from a CPU copy."""
+        :func:`detr_irpe.export.export_detector`). A model on a GPU is exported from a CPU copy.
+        Existing files are replaced only with ``overwrite``."""
         loaded = self.loaded
         if loaded.device.type != "cpu":
             loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).cpu())
-        return export_detector(loaded, path, format, opset)
+        return export_detector(loaded, path, format, opset, overwrite=overwrite)

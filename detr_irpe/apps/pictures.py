@@ -14,60 +14,81 @@ import torch
 from torch import Tensor
 
 from ..data import build_dataset
-from ..data.images import list_images, read_rgb
+from ..data.images import read_rgb
+from ..engine.distributed import pick_device
 from ..engine.inference import LoadedDetector, load_detector
 from ..engine.logger import read_jsonl
 from ..errors import InputNotFoundError, UsageError
+from ..files import check_writable, refuse_existing, refuse_inputs
 from ..visualize.attention import attention_picture, pixel_to_cell
 from ..visualize.boxes import prediction_vs_ground_truth, save_png
 from ..visualize.curves import plot_training_curves, run_names
 from ..visualize.forward import display_scale, prepare_input, run_model
 from ..visualize.rpe_tables import capture_token, plot_rpe_tables, rpe_attention_modules
+from .predict import expand_inputs, output_names
 
 Sample = Tuple[str, Tensor, Optional[Dict[str, Tensor]], Dict[int, str]]  # name, image, ground truth, class names
 
 
-def resolve_device(device: str = "auto") -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+class Samples:
+    """The images a picture command draws: the files of ``images`` (files or folders), then the first
+    ``val`` validation images with their ground truth. Names (for the output files) are unique and
+    known before any image is read, so that the outputs can be checked first."""
+
+    def __init__(self, detector: LoadedDetector, images: Sequence = (), val: Optional[int] = None):
+        if not images and not val:
+            raise UsageError("nothing to draw: pass image files or folders, or --val N for the first N "
+                             "validation images of the config's dataset")
+        if val is not None and val < 0:
+            raise UsageError(f"--val must be a positive number of images, got {val}")
+        self.detector = detector
+        self.paths = expand_inputs(images) if images else []  # fails on a bad path before any work
+        self.dataset = build_dataset(detector.config.data, "val") if val else None
+        self.count = len(self.paths) + (min(val, len(self.dataset)) if self.dataset is not None else 0)
+        files = list(self.paths)
+        if self.dataset is not None:
+            files += [Path(self.dataset.coco.imgs[image_id]["file_name"])
+                      for image_id in self.dataset.ids[: self.count - len(self.paths)]]
+        self.names = [Path(name).stem for name in output_names(files)]
+
+    def outputs(self, out: Path, suffix: str) -> List[Path]:
+        """The file each sample is drawn to: ``<out>/<name><suffix>``."""
+        return [out / f"{name}{suffix}" for name in self.names]
+
+    def __iter__(self) -> Iterator[Sample]:
+        """``(name, (3, H, W) uint8 image, ground truth or None, class names)`` per image."""
+        for name, path in zip(self.names, self.paths):
+            yield name, read_rgb(path), None, self.detector.categories
+        if self.dataset is not None:
+            names = {**self.dataset.categories, **self.detector.categories}  # the checkpoint's names win
+            for index, name in enumerate(self.names[len(self.paths):]):
+                _, image, gt = self.dataset.ground_truth_sample(index)
+                yield name, image, gt, names
 
 
-def samples(detector: LoadedDetector, images: Sequence = (), val: Optional[int] = None) -> Iterator[Sample]:
-    """``(name, (3, H, W) uint8 image, ground truth or None, class names)`` per image: the files
-    of ``images`` (files or folders), then the first ``val`` validation images with their boxes."""
-    if not images and not val:
-        raise UsageError("nothing to draw: pass image files or folders, or --val N for the first N "
-                         "validation images of the config's dataset")
-    if val is not None and val < 0:
-        raise UsageError(f"--val must be a positive number of images, got {val}")
-    paths = [p for item in images for p in list_images(item)]  # fail on a bad path before any work
-    used: Dict[str, int] = {}
-
-    def unique(name: str) -> str:
-        used[name] = used.get(name, 0) + 1
-        return name if used[name] == 1 else f"{name}_{used[name]}"
-
-    for path in paths:
-        yield unique(Path(path).stem), read_rgb(path), None, detector.categories
-    if val:
-        dataset = build_dataset(detector.config.data, "val")
-        names = {**dataset.categories, **detector.categories}  # the checkpoint's names win
-        for index in range(min(val, len(dataset))):
-            stem, image, gt = dataset.ground_truth_sample(index)
-            yield unique(stem), image, gt, names
+def check_picture_outputs(outputs: Sequence[Path], inputs: Sequence[Path], overwrite: bool) -> None:
+    """Before any drawing: no output is an input image, none exists unless ``overwrite``, and the
+    folder can be written."""
+    refuse_inputs(outputs, inputs, "choose another --out")
+    if not overwrite:
+        refuse_existing(outputs, "pass --overwrite to replace them, or choose another --out")
+    if outputs:
+        check_writable(Path(outputs[0]).parent, "--out")
 
 
 def draw_boxes(checkpoint: str, out, images: Sequence = (), val: Optional[int] = None, threshold: float = 0.7,
                min_size: Optional[int] = None, config: Optional[str] = None, overrides: Sequence[str] = (),
-               device: str = "auto") -> List[Path]:
+               device: str = "auto", overwrite: bool = False) -> List[Path]:
     """Writes ``<out>/<image>_boxes.png`` per image: the predicted boxes (score >= ``threshold``)
     with class names and scores, beside the ground truth for validation images. Images whose
-    shorter side is below ``min_size`` are drawn enlarged to it."""
-    device = resolve_device(device)
+    shorter side is below ``min_size`` are drawn enlarged to it. Existing files are replaced only
+    with ``overwrite``, input images never."""
+    device = pick_device(device)
     detector = load_detector(checkpoint, config, overrides, device=device)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    todo = Samples(detector, images, val)
+    check_picture_outputs(todo.outputs(Path(out), "_boxes.png"), todo.paths, overwrite)
     written = []
-    for name, image, gt, names in samples(detector, images, val):
+    for (name, image, gt, names), path in zip(todo, todo.outputs(Path(out), "_boxes.png")):
         result = run_model(detector.model, detector.postprocessor, detector.config.data, image, device)
         factor = display_scale(result.image_hw, min_size)
         result = result.scaled(factor)
@@ -75,7 +96,6 @@ def draw_boxes(checkpoint: str, out, images: Sequence = (), val: Optional[int] =
             fy, fx = result.image_hw[0] / image.shape[1], result.image_hw[1] / image.shape[2]
             gt = {**gt, "boxes": gt["boxes"] * torch.tensor([fx, fy, fx, fy])}
         picture = prediction_vs_ground_truth(result.image, result.detections(threshold), gt, names)
-        path = out / f"{name}_boxes.png"
         save_png(picture, path)
         written.append(path)
     return written
@@ -85,26 +105,25 @@ def draw_attention(checkpoint: str, out, images: Sequence = (), val: Optional[in
                    pixel: Optional[Sequence[float]] = None, layer: Union[int, str] = -1, decoder_layer: int = -1,
                    threshold: float = 0.7, max_objects: int = 6, alpha: float = 0.5,
                    interpolation: str = "bilinear", min_size: Optional[int] = None, config: Optional[str] = None,
-                   overrides: Sequence[str] = (), device: str = "auto") -> List[Path]:
+                   overrides: Sequence[str] = (), device: str = "auto", overwrite: bool = False) -> List[Path]:
     """Writes ``<out>/<image>_attention.png`` per image: the encoder self-attention of ``pixel``
     (``(x, y)`` in the image's pixels, default its centre) in encoder ``layer`` (``"all"``: one
     panel per layer), then the decoder cross-attention (``decoder_layer``) of each detection
     scoring ``>= threshold`` (at most ``max_objects``), each panel the size of the image (enlarged
     to a shorter side of ``min_size`` if smaller)."""
-    device = resolve_device(device)
+    device = pick_device(device)
     detector = load_detector(checkpoint, config, overrides, device=device)
     num_layers = detector.config.model.enc_layers
     layers = list(range(num_layers)) if layer == "all" else int(layer)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    todo = Samples(detector, images, val)
+    check_picture_outputs(todo.outputs(Path(out), "_attention.png"), todo.paths, overwrite)
     written = []
-    for name, image, _, names in samples(detector, images, val):
+    for (name, image, _, names), path in zip(todo, todo.outputs(Path(out), "_attention.png")):
         result = run_model(detector.model, detector.postprocessor, detector.config.data, image, device,
                            return_attention=True)
         result = result.scaled(display_scale(result.image_hw, min_size))
         picture = attention_picture(result, pixel, layers, decoder_layer, threshold, max_objects, names, alpha=alpha,
                                     interpolation=interpolation)
-        path = out / f"{name}_attention.png"
         save_png(picture, path)
         written.append(path)
     return written
@@ -112,7 +131,8 @@ def draw_attention(checkpoint: str, out, images: Sequence = (), val: Optional[in
 
 def draw_rpe_tables(checkpoint: str, out, layers: Optional[Sequence[int]] = None, images: Sequence = (),
                     val: Optional[int] = None, pixel: Optional[Sequence[float]] = None,
-                    config: Optional[str] = None, overrides: Sequence[str] = (), device: str = "auto") -> List[Path]:
+                    config: Optional[str] = None, overrides: Sequence[str] = (), device: str = "auto",
+                    overwrite: bool = False) -> List[Path]:
     """Writes ``<out>/rpe_tables.png`` (the learned tables of the chosen encoder ``layers``, all by
     default) and, given an image (the first of ``images`` / ``val``) or a ``pixel``, also
     ``<out>/rpe_query_<image>.png``: the contribution ``q·r`` of the token at ``pixel`` (default the
@@ -121,15 +141,20 @@ def draw_rpe_tables(checkpoint: str, out, layers: Optional[Sequence[int]] = None
     Raises:
         NoRPEError: the checkpoint's model has no iRPE.
     """
-    device = resolve_device(device)
+    device = pick_device(device)
     detector = load_detector(checkpoint, config, overrides, device=device)
     rpe_attention_modules(detector.model)  # NoRPEError before any other work
     out = Path(out)
-    written = [plot_rpe_tables(detector.model, out / "rpe_tables.png", layers)]
+    todo = None
     if images or val or pixel is not None:
         if not images and not val:
             raise UsageError("--pixel needs an image: pass an image file or --val 1")
-        name, image, _, _ = next(samples(detector, images, val))
+        todo = Samples(detector, images, val)
+    outputs = [out / "rpe_tables.png"] + ([out / f"rpe_query_{todo.names[0]}.png"] if todo else [])
+    check_picture_outputs(outputs, todo.paths if todo else [], overwrite)
+    written = [plot_rpe_tables(detector.model, outputs[0], layers)]
+    if todo is not None:
+        name, image, _, _ = next(iter(todo))
         H, W = image.shape[-2:]
         xy = pixel if pixel is not None else (W // 2, H // 2)
         batch, mask = prepare_input(image, detector.config.data)
@@ -138,7 +163,7 @@ def draw_rpe_tables(checkpoint: str, out, layers: Optional[Sequence[int]] = None
         tokens = capture_token(detector.model, batch.to(device), mask.to(device), row * feature_hw[1] + col)
         title = (f"iRPE contribution to the attention logits of the token at pixel ({int(xy[0])}, {int(xy[1])}) "
                  f"= cell ({row}, {col}) of {name}")
-        written.append(plot_rpe_tables(detector.model, out / f"rpe_query_{name}.png", layers, tokens, title=title))
+        written.append(plot_rpe_tables(detector.model, outputs[1], layers, tokens, title=title))
     return written
 
 
@@ -148,16 +173,23 @@ def _feature_hw(detector: LoadedDetector, batch: Tensor, mask: Tensor, device: s
     return int(features.shape[-2]), int(features.shape[-1])
 
 
-def plot_logs(logs: Sequence, out, names: Optional[Sequence[str]] = None, title: Optional[str] = None) -> Path:
-    """Training curves of one or more ``log.jsonl`` files in one PNG, a colour per run (named by
-    its folder unless ``names`` are given)."""
-    paths = [Path(p) for p in logs]
+def plot_logs(logs: Sequence, out, names: Optional[Sequence[str]] = None, title: Optional[str] = None,
+              overwrite: bool = False) -> Path:
+    """Training curves of one or more runs in one PNG, a colour per run (named by its folder unless
+    ``names`` are given). A run is its ``log.jsonl`` or its folder. An existing ``out`` is replaced
+    only with ``overwrite``, a log never."""
+    paths = [Path(p) / "log.jsonl" if Path(p).is_dir() else Path(p) for p in logs]
     if not paths:
-        raise UsageError("give at least one log.jsonl")
+        raise UsageError("give at least one log.jsonl or run folder")
     for p in paths:
         if not p.is_file():
-            raise InputNotFoundError(f"no such log file: {p} (a training run writes <output_dir>/log.jsonl)")
+            raise InputNotFoundError(f"no such log file: {p} (a training run writes <output_dir>/log.jsonl; "
+                                     f"pass that file or the run's folder)")
     names = list(names) if names else run_names(paths)
     if len(names) != len(paths):
         raise UsageError(f"got {len(names)} names for {len(paths)} logs")
+    out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder: name the PNG file to write, e.g. {out / 'curves.png'}")
+    check_picture_outputs([out], paths, overwrite)
     return plot_training_curves({n: read_jsonl(p) for n, p in zip(names, paths)}, out, title=title)

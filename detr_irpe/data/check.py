@@ -2,9 +2,10 @@
 
 Used by ``tools/check_data.py`` and ``tools/train.py --check-data``. Checks the annotation json
 (structure, ids, references, boxes: :mod:`.validate`) and the image files: missing, not
-decodable (each one is fully decoded with PIL, so truncated files are found) and of another
-size than the json says. Errors are what would stop (or silently spoil) training; warnings
-are what the loader tolerates.
+decodable (each one is fully decoded with PIL, so truncated files are found), of another
+size than the json says, and with an EXIF orientation tag (every one listed: photo viewers
+show it turned, the dataset reads it by :func:`~.images.dataset_orientation`). Errors are what
+would stop (or silently spoil) training; warnings are what the loader tolerates.
 """
 from __future__ import annotations
 
@@ -12,40 +13,52 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterable, Optional, Sequence, TextIO, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, TextIO, Tuple, Union
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .coco import SPLITS, read_json, resolve
 from .errors import AnnotationError
+from .images import TURNS, dataset_orientation, exif_orientation
 from .validate import Report, validate_coco_dict
 
 if TYPE_CHECKING:
     from ..config import DataConfig
 
 PathLike = Union[str, Path]
-ImageProblem = Optional[Tuple[str, str]]  # (finding code, example) or None
+ImageProblem = Tuple[str, str]  # (finding code, example)
 
 
-def check_image_file(path: Path, image_id: int, width=None, height=None, decode: bool = True) -> ImageProblem:
-    """The problem of one image file, if any: missing, not decodable, or not ``width`` x ``height``."""
+def check_image_file(path: Path, image_id: int, width=None, height=None, decode: bool = True) -> List[ImageProblem]:
+    """The problems of one image file: missing, not decodable, not ``width`` x ``height`` (as the
+    dataset loads it), or carrying an EXIF orientation tag (a warning). ``decode=False``: existence only."""
     if not path.is_file():
-        return "image_missing", f"{path} (image {image_id})"
+        return [("image_missing", f"{path} (image {image_id})")]
     if not decode:
-        return None
+        return []
     try:
         with Image.open(path) as im:
             im.load()  # decodes every byte: truncated files raise here
-            w, h = im.size
+            stored, orientation = im.size, exif_orientation(im)
     except UnidentifiedImageError:
-        return "image_undecodable", f"{path} (image {image_id}): not an image format PIL knows"
+        return [("image_undecodable", f"{path} (image {image_id}): not an image format PIL knows")]
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         reason = str(e) if len(str(e)) <= 100 else str(e)[:97] + "..."
-        return "image_undecodable", f"{path} (image {image_id}): {reason}"
-    if isinstance(width, (int, float)) and isinstance(height, (int, float)) and (w, h) != (width, height):
-        return "image_size_mismatch", f"{path} (image {image_id}) is {w}x{h}, the json says {width}x{height}"
-    return None
+        return [("image_undecodable", f"{path} (image {image_id}): {reason}")]
+    turned = dataset_orientation(orientation, stored, (width, height))
+    problems = []
+    if orientation != 1:
+        boxes = ("the json gives the rotated size: loaded rotated, as viewers show it" if turned
+                 else "boxes read on the stored pixels")
+        turn = TURNS[orientation]
+        problems.append(("exif_orientation", f"{path} (image {image_id}): viewers show it {turn}; {boxes}"))
+    w, h = stored
+    if (isinstance(width, (int, float)) and isinstance(height, (int, float)) and not turned
+            and (w, h) != (width, height)):
+        problems.append(("image_size_mismatch",
+                         f"{path} (image {image_id}) is {w}x{h}, the json says {width}x{height}"))
+    return problems
 
 
 def check_dataset(annotation_file: PathLike, image_dir: Optional[PathLike], decode: bool = True,
@@ -77,16 +90,16 @@ def check_dataset(annotation_file: PathLike, image_dir: Optional[PathLike], deco
     entries = [img for img in data["images"] if isinstance(img, dict) and type(img.get("id")) is int
                and isinstance(img.get("file_name"), str) and img["file_name"].strip()]
 
-    def check(img: dict) -> ImageProblem:
+    def check(img: dict) -> List[ImageProblem]:
         return check_image_file(image_dir / img["file_name"], img["id"], img.get("width"), img.get("height"), decode)
 
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
         results = pool.map(check, entries, chunksize=16)
-        for problem in tqdm(results, total=len(entries), desc=f"images of {annotation_file.name}",
-                            disable=not progress, leave=False, file=sys.stderr):
-            if problem is not None:
-                report.add(*problem)
+        for problems in tqdm(results, total=len(entries), desc=f"images of {annotation_file.name}",
+                             disable=not progress, leave=False, file=sys.stderr):
+            for code, example in problems:
+                report.add(code, example)
     report.image_files_checked = len(entries)
     report.images_decoded = decode
     return report

@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from PIL import Image
@@ -17,9 +18,9 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from .errors import AnnotationError, DataItemError, DatasetNotFoundError, ImageDecodeError
+from .images import dataset_orientation, exif_orientation, pil_to_rgb
 from .validate import Report, validate_coco_dict
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 PathLike = Union[str, Path]
 SPLITS = ("train", "val")
+_LISTED = 5  # missing files named in an error
 
 
 def check_coco_dict(data, source: PathLike, image_dir: Optional[PathLike] = None) -> Report:
@@ -75,8 +77,9 @@ def read_json(path: PathLike):
                               f"file like annotations/instances_val2017.json.") from None
 
 
-def load_coco(annotation_file: PathLike, image_dir: Optional[PathLike] = None) -> COCO:
-    """Read and validate a COCO detection json; returns an indexed ``pycocotools.coco.COCO``.
+def read_coco(annotation_file: PathLike, image_dir: Optional[PathLike] = None) -> Tuple[COCO, Report]:
+    """Read and validate a COCO detection json: an indexed ``pycocotools.coco.COCO`` and the
+    :class:`~detr_irpe.data.validate.Report` of what the loader tolerates (dropped or clipped boxes).
 
     Raises ``AnnotationError`` listing every problem that would break training or evaluation
     (see :func:`check_coco_dict`); ``image_dir`` only completes the hint in that message.
@@ -85,13 +88,41 @@ def load_coco(annotation_file: PathLike, image_dir: Optional[PathLike] = None) -
     path = Path(annotation_file)
     _require_annotation_file(path)
     data = read_json(path)
-    check_coco_dict(data, path, image_dir)
+    report = check_coco_dict(data, path, image_dir)
     _fill_defaults(data)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
         coco.createIndex()
-    return coco
+    return coco, report
+
+
+def load_coco(annotation_file: PathLike, image_dir: Optional[PathLike] = None) -> COCO:
+    """:func:`read_coco` without the report."""
+    return read_coco(annotation_file, image_dir)[0]
+
+
+# what the loader does with the boxes validation warns about (see CocoDetection.load_target)
+_DROPPED = {"bbox_negative": "with a negative width or height", "bbox_empty": "with zero width or height",
+            "bbox_outside": "entirely outside their image"}
+
+
+def dropped_boxes_note(report: Report, image_dir: Optional[PathLike] = None) -> Optional[str]:
+    """One sentence on the boxes of ``report`` that loading drops or clips, or None if there are none."""
+    dropped = [(report.findings[code].count, what) for code, what in _DROPPED.items()
+               if code in report.findings and report.findings[code].count]
+    clipped = report.findings["bbox_clipped"].count if "bbox_clipped" in report.findings else 0
+    if not dropped and not clipped:
+        return None
+    parts = []
+    if dropped:
+        total = sum(count for count, _ in dropped)
+        parts.append(f"{total} of its {report.num_annotations} boxes are dropped while loading ("
+                     + ", ".join(f"{count} {what}" for count, what in dropped) + ")")
+    if clipped:
+        parts.append(f"{clipped} box{'es are' if clipped != 1 else ' is'} clipped to the image border")
+    images = f" --images {image_dir}" if image_dir is not None else ""
+    return f"{report.source}: {'; '.join(parts)}. `detr-irpe check-data --annotations {report.source}{images}` lists them"
 
 
 def num_classes_from_annotations(annotations: Union[PathLike, COCO]) -> int:
@@ -161,7 +192,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DatasetNotFoundError(
                 f"image folder not found: {self.image_dir} (images of {self.annotation_file.name}). "
                 f"Set data.root and data.train_images / data.val_images to the folder holding the images.")
-        self.coco = load_coco(self.annotation_file, self.image_dir)  # refuses an empty dataset too
+        self.coco, self.report = read_coco(self.annotation_file, self.image_dir)  # refuses an empty dataset too
         self.ids = sorted(self.coco.imgs)
         self.transforms = transforms
         self._decoded: Optional[Dict[int, Tensor]] = {} if cache_images else None
@@ -179,8 +210,33 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def missing_image_files(self) -> List[Path]:
+        """The listed image files that do not exist, found with one listing per folder (about a
+        second for COCO train2017's 118k files, without opening any)."""
+        listings: Dict[Path, set] = {}
+        missing = []
+        for image_id in self.ids:
+            path = self.image_dir / self.coco.imgs[image_id]["file_name"]
+            if path.parent not in listings:
+                try:
+                    listings[path.parent] = set(os.listdir(path.parent))
+                except OSError:
+                    listings[path.parent] = set()
+            if path.name not in listings[path.parent]:
+                missing.append(path)
+        return missing
+
+    def dropped_boxes_note(self) -> Optional[str]:
+        """What loading drops or clips of this dataset's boxes (see :func:`dropped_boxes_note`)."""
+        return dropped_boxes_note(self.report, self.image_dir)
+
     def load_image(self, index: int) -> tv_tensors.Image:
-        """The RGB image file of item ``index`` as a uint8 ``(3, H, W)`` tensor, untransformed."""
+        """The image file of item ``index`` as a uint8 ``(3, H, W)`` RGB tensor, untransformed.
+
+        Modes are converted as everywhere else (:func:`~.images.pil_to_rgb`). The stored pixels, EXIF
+        orientation ignored (COCO's convention), unless the tag turns the image sideways and the json
+        gives the turned size: then it is loaded as photo viewers show it (:func:`~.images.dataset_orientation`).
+        """
         if self._decoded is not None and index in self._decoded:
             return tv_tensors.Image(self._decoded[index].clone())
         image_id = self.ids[index]
@@ -192,7 +248,9 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"Check that data.*_images points at the right folder, or remove the image from the json.")
         try:
             with Image.open(path) as file:
-                image = pil_to_tensor(file.convert("RGB"))
+                file.load()  # the EXIF of a PNG may follow its pixels
+                json_wh = (info.get("width"), info.get("height"))
+                image = pil_to_rgb(file, exif=dataset_orientation(exif_orientation(file), file.size, json_wh))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ImageDecodeError(f"cannot decode image {path} (image id {image_id}): {e}. "
                                    f"Replace the file or remove the image from {self.annotation_file}.") from None
@@ -287,7 +345,16 @@ def build_dataset(cfg: "DataConfig", split: str, transforms: Optional[Callable] 
             f"holding the images; see datasets/README.md.")
     if transforms is None:
         transforms = make_train_transforms(cfg) if split == "train" else make_eval_transforms(cfg)
-    return CocoDetection(image_dir, annotation_file, transforms, cache_images=cfg.cache_images)
+    dataset = CocoDetection(image_dir, annotation_file, transforms, cache_images=cfg.cache_images)
+    missing = dataset.missing_image_files()
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:_LISTED]) + (f" and {len(missing) - _LISTED} more"
+                                                              if len(missing) > _LISTED else "")
+        raise DatasetNotFoundError(
+            f"{len(missing)} of the {len(dataset)} {split} images listed in {annotation_file} are missing: {shown}. "
+            f"Point data.{split}_images at the folder holding them, or remove them from the json; "
+            f"`detr-irpe check-data --annotations {annotation_file} --images {image_dir}` checks every file")
+    return dataset
 
 
 def build_train_val_datasets(cfg: "Config") -> Tuple[CocoDetection, CocoDetection]:

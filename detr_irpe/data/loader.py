@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, get_worker_info
 
+from ..errors import DetrIrpeError
 from ..structures import pad_images
 from .errors import DataLoaderWorkerError
 from .sampler import ResumableSampler, SeededDataset
@@ -95,6 +96,19 @@ def _how(exit_code: Optional[int]) -> str:
     return f"exited with code {exit_code}"
 
 
+def without_worker_traceback(error: DetrIrpeError) -> DetrIrpeError:
+    """``error`` as the worker raised it: PyTorch re-raises an exception of a DataLoader worker in
+    the main process as ``type(error)("Caught X in DataLoader worker process N. Original Traceback
+    ...: <message>")``; a documented error's message is meant to be read alone."""
+    text = str(error)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return error
+    kind = type(error)
+    marker = f"{kind.__module__}.{kind.__qualname__}: "
+    at = text.rfind(marker)
+    return kind(text[at + len(marker):].rstrip()) if at >= 0 else error
+
+
 class ReportingDataLoader(DataLoader):
     """A ``DataLoader`` whose dead-worker errors name the items the dead workers were loading.
 
@@ -116,6 +130,8 @@ class ReportingDataLoader(DataLoader):
                     batch = next(batches)
                 except StopIteration:
                     return
+                except DetrIrpeError as e:  # raised in a worker: PyTorch prefixes the worker's traceback
+                    raise without_worker_traceback(e) from None
                 except Exception as e:
                     earlier = _cause_of_type(e, DataLoaderWorkerError)  # raised by the handler below
                     if earlier is not None:

@@ -85,10 +85,18 @@ KINDS: Dict[str, Tuple[str, str, str, str]] = {
                           "Replace the files or remove these images from the json."),
     "image_size_mismatch": (ERROR, "image file", "whose size differs from the json's width / height",
                             "Fix the json (the boxes were drawn on an image of some size) or the files."),
+    "exif_orientation": (WARNING, "image file", "with an EXIF orientation tag (photo viewers turn the picture; "
+                         "the dataset reads the stored pixels unless the json gives the rotated size)",
+                         "If the boxes were drawn on the image as viewers show it, re-save it upright without "
+                         "the tag (PIL.ImageOps.exif_transpose) and give the json its upright size; if they were "
+                         "drawn on the stored pixels (COCO's convention), nothing to do."),
     "bbox_clipped": (WARNING, "annotation",
                      f"whose box extends more than {BORDER_TOLERANCE:g} px past the image border "
                      f"(clipped during loading)", ""),
 }
+
+# kinds whose every example is kept and shown, one per line: each names a file the user must decide about
+LIST_ALL = frozenset({"exif_orientation"})
 
 
 def _plural(noun: str, count: int) -> str:
@@ -120,22 +128,30 @@ class Finding:
     def severity(self) -> str:
         return KINDS[self.code][0]
 
+    @property
+    def lists_all(self) -> bool:
+        """Every example is kept and shown (kinds of :data:`LIST_ALL`), not the first ``max_examples``."""
+        return self.code in LIST_ALL
+
     def add(self, example: Optional[str] = None) -> None:
         self.count += 1
-        if example is not None and len(self.examples) < self.max_examples:
+        if example is not None and (self.lists_all or len(self.examples) < self.max_examples):
             self.examples.append(example)
 
     def describe(self, max_examples: int = 3) -> str:
-        """E.g. ``3 annotations with NaN or infinite bbox values: annotation 12 (image 4) has bbox [nan, ...]; ...``."""
+        """E.g. ``3 annotations with NaN or infinite bbox values: annotation 12 (image 4) has bbox [nan, ...]; ...``;
+        kinds that list all their examples show each on its own line."""
         _, noun, what, fix = KINDS[self.code]
         if self.code in ("structure", "image_folder"):
             return self.detail
         head = f"{self.count} {_plural(noun, self.count)} {what}" if noun else what
+        fix = " ".join(s for s in (self.detail, fix) if s)
+        if self.lists_all and self.examples:
+            return head + ":\n" + "".join(f"      - {e}\n" for e in self.examples) + f"      {fix}"
         shown = self.examples[:max_examples]
         if shown:
             more = self.count - len(shown)
             head += ": " + "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
-        fix = " ".join(s for s in (self.detail, fix) if s)
         return f"{head}. {fix}" if fix else head + "."
 
 
@@ -169,7 +185,8 @@ class Report:
     def add_many(self, code: str, count: int, examples: List[str]) -> None:
         finding = self.finding(code)
         finding.count += count
-        finding.examples.extend(examples[: max(self.max_examples - len(finding.examples), 0)])
+        room = len(examples) if finding.lists_all else max(self.max_examples - len(finding.examples), 0)
+        finding.examples.extend(examples[:room])
 
     def of(self, severity: str) -> List[Finding]:
         """Findings of ``severity``, in the order of :data:`KINDS`."""

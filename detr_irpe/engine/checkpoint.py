@@ -11,10 +11,7 @@ A transformers model (a folder, or a hub id) becomes the same kind of dict (``mo
 """
 from __future__ import annotations
 
-import argparse
 import os
-import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
@@ -24,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, CheckpointNotFoundError
+from .diagnose import SAFE_CLASSES, diagnose
 from ..interop import (checkpoint_from_hf, download_from_hub, hf_weights_file, is_hf_folder, is_hub_id,
                        load_safetensors, read_hf_config, read_safetensors_weights)
 
@@ -84,10 +82,11 @@ def load_checkpoint_file(path_or_url: Union[str, os.PathLike], map_location="cpu
     Raises:
         CheckpointNotFoundError: (a ``FileNotFoundError``) no such file, or a folder without
             ``config.json`` or without weights.
-        CheckpointError: the download failed, the file is corrupt or truncated, or it needs
-            code to unpickle (a class other than ``argparse.Namespace``), which
-            ``weights_only=True`` refuses; a hub id cannot be fetched; a transformers model
-            does not map exactly onto this project's DETR (the message lists why).
+        CheckpointError: the download failed; the file is not a PyTorch checkpoint, is corrupt or
+            truncated, or names code to run when unpickled (a class other than
+            ``argparse.Namespace``), which ``weights_only=True`` refuses (the message says which,
+            :func:`~detr_irpe.engine.diagnose.diagnose`); a hub id cannot be fetched; a transformers
+            model does not map exactly onto this project's DETR (the message lists why).
     """
     source = str(path_or_url)
     if _is_url(path_or_url):
@@ -119,17 +118,13 @@ def _load_hf(folder: Path, source: str, map_location) -> dict:
 
 
 def _torch_load(path: Path, map_location) -> dict:
-    """``torch.load(weights_only=True)`` of a file that must hold a dict, with readable errors."""
+    """``torch.load(weights_only=True)`` of a file that must hold a dict; when it fails, the file
+    itself says why (:func:`~detr_irpe.engine.diagnose.diagnose`)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(SAFE_CLASSES):
             obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise _unpickling_error(path, e) from None
-    except Exception as e:  # truncated zip, garbage bytes, a text file: the unpickler fails in many ways
-        first = str(e).splitlines()[0] if str(e) else "unexpected end of file"
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({path.stat().st_size} bytes; {type(e).__name__}: "
-            f"{first}), or not a PyTorch file at all. Download or save it again") from e
+    except Exception as e:  # the unpickler fails in many ways, and its messages tell them apart poorly
+        raise CheckpointError(diagnose(path, e)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict "
                               f"(a state dict, or a dict with the state dict under 'model')")
@@ -152,20 +147,6 @@ def _download(url: str) -> Path:
                 f"could not download {url} ({e}). Without network access, download the file on another "
                 f"machine and pass its local path instead of the URL") from None
     return target
-
-
-def _unpickling_error(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
-    message = str(error)
-    needs = re.search(r"GLOBAL (\S+) was not an allowed global", message)
-    if needs or "WeightsUnpickler error" in message:
-        what = f"the class or function {needs.group(1)}" if needs else "code"
-        return CheckpointError(
-            f"refusing to load {path}: unpickling it would need to import and run {what}. Checkpoints are "
-            f"read with torch.load(weights_only=True), which accepts only tensors, plain containers and "
-            f"argparse.Namespace, so that a file cannot execute arbitrary code. If you trust its source, "
-            f"load it yourself with weights_only=False and re-save just the state dict: "
-            f"torch.save({{'model': checkpoint['model']}}, 'clean.pth')")
-    return CheckpointError(f"checkpoint {path} is corrupt ({message.splitlines()[0]}). Download or save it again")
 
 
 def state_dict_from_checkpoint(obj: Mapping) -> Dict[str, Tensor]:
@@ -223,13 +204,15 @@ def _mismatch_error(missing: List[str], unexpected: List[str], mismatched: List[
     hints = []
     if any("lookup_table" in k for k in unexpected):
         hints.append("the checkpoint has iRPE tables: build the model with the matching rpe spec "
-                     "(e.g. rpe='rpe-2.0-product-ctx-1-k')")
+                     "(e.g. model.rpe=rpe-2.0-product-ctx-1-k)")
     if missing and all("lookup_table" in k for k in missing):
-        hints.append("only iRPE tables are missing: to start an iRPE model from a plain DETR checkpoint use "
-                     "load_for_finetuning")
+        hints.append("only iRPE tables are missing: to start an iRPE model from a plain DETR checkpoint, pass it "
+                     "as train.pretrained=PATH, which starts the missing tables at zero (in Python: "
+                     "load_for_finetuning)")
     if any(_is_head(k) for k, _, _ in mismatched):
-        hints.append("class_embed / query_embed differ (another num_classes / num_queries): to fine-tune, "
-                     "use load_for_finetuning, which re-initialises those heads")
+        hints.append("class_embed / query_embed differ (another num_classes / num_queries): to fine-tune, pass "
+                     "the checkpoint as train.pretrained=PATH, which re-initialises those heads (in Python: "
+                     "load_for_finetuning)")
     return CheckpointError(msg + "".join(f"\n  hint: {h}" for h in hints))
 
 

@@ -26,16 +26,34 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def init_distributed(device: str = "auto") -> torch.device:
+def pick_device(device: str = "auto", option: str = "--device") -> str:
+    """``device`` checked against this machine: ``auto`` (CUDA if available, else CPU), ``cpu``,
+    ``cuda`` or ``cuda:N``. ``option`` is how the user set it (``--device``, ``train.device``), named
+    in the error when no such GPU is visible."""
+    device = str(device).strip()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    valid = device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())
+    if not valid:
+        raise ConfigError(f"{option} {device!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{option} {device}: no CUDA GPU is visible on this machine "
+                              f"(torch.cuda.is_available() is False); use {option} cpu, or auto")
+        index = int(device[5:]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"{option} {device}: this machine has {torch.cuda.device_count()} visible GPU(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def init_distributed(device: str = "auto", option: str = "train.device") -> torch.device:
     """Join the process group that torchrun describes in the environment and pick this rank's device.
 
-    ``device``: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. Under
+    ``device``: see :func:`pick_device` (``option`` names the setting in its errors). Under
     torchrun each process takes ``cuda:LOCAL_RANK``. Returns the device to use.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={device!r} but no CUDA device is visible; use device=cpu or auto")
+    device = pick_device(device, option)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not is_distributed():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -78,6 +96,23 @@ def reduce_dict(values: Dict[str, torch.Tensor], average: bool = True) -> Dict[s
     if average:
         stacked /= world
     return dict(zip(names, stacked))
+
+
+def on_main_process(check, *args, **kwargs):
+    """``check(*args, **kwargs)`` on the main process, its result on every process; an error it
+    raises is raised on every process (so that no rank waits forever for one that stopped)."""
+    if not is_distributed():
+        return check(*args, **kwargs)
+    outcome = (None, None)
+    if is_main_process():
+        try:
+            outcome = (check(*args, **kwargs), None)
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            outcome = (None, e)
+    result, error = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    return result
 
 
 def broadcast_object(obj):

@@ -1,18 +1,24 @@
 """COCO evaluation of a model over a dataset (any number of processes)."""
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from ..data import build_dataloader, build_dataset
-from ..evaluation import CocoEvaluator
+from ..evaluation import ClassMismatchError, ClassMismatchWarning, CocoEvaluator, class_mismatch
+from ..files import check_writable, fresh_folder, refuse_existing
 from . import distributed as du
 from .inference import load_detector
 from .step import autocast_context, to_device
+
+EVAL_FILES = ("metrics.json", "detections.json")
 
 
 @torch.no_grad()
@@ -42,12 +48,14 @@ def predict_dataset(model: nn.Module, postprocessor: nn.Module, dataset, device:
 
 def evaluate(model: nn.Module, postprocessor: nn.Module, dataset, device: torch.device, batch_size: int = 2,
              num_workers: int = 0, output_dir: Optional[Path] = None, amp: str = "none",
-             quiet: bool = False, backbone_per_image: bool = True, table: bool = True) -> dict:
+             quiet: bool = False, backbone_per_image: bool = True, table: bool = True,
+             caveats: Sequence[str] = ()) -> dict:
     """COCO bbox mAP of ``model`` on ``dataset``; detections gathered from every process.
 
     Writes ``detections.json`` and ``metrics.json`` into ``output_dir`` (main process) and
-    returns the metrics (the 12 standard numbers and per-class AP) on every process. Prints
-    pycocotools' table and the per-class AP if ``table`` and not ``quiet``.
+    returns the metrics (the 12 standard numbers, per-class AP and, given ``caveats`` (what makes
+    them less than they seem), ``warnings``) on every process. Prints pycocotools' table and the
+    per-class AP if ``table`` and not ``quiet``.
     """
     detections = predict_dataset(model, postprocessor, dataset, device, batch_size, num_workers, amp, quiet,
                                  backbone_per_image)
@@ -57,25 +65,70 @@ def evaluate(model: nn.Module, postprocessor: nn.Module, dataset, device: torch.
     metrics = {}
     if du.is_main_process():
         metrics = evaluator.summarize(verbose=table and not quiet)
+        if caveats:
+            metrics["warnings"] = list(caveats)
         if output_dir is not None:
             evaluator.write(output_dir)
     return du.broadcast_object(metrics)
 
 
+def default_eval_dir(checkpoint: str) -> Path:
+    """Where ``eval`` writes without ``--output-dir``: beside a local checkpoint
+    (``<its folder>/eval_<its name>``), else ``outputs/eval_<name>``; numbered (``-2``, ``-3``, ...)
+    when an earlier evaluation is there."""
+    path = Path(checkpoint).expanduser()
+    if path.exists():
+        base = path.parent / f"eval_{path.stem if path.is_file() else path.name}"
+    else:  # a URL or a hub id
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(urlparse(str(checkpoint)).path).stem or str(checkpoint))
+        base = Path("outputs") / f"eval_{name.strip('_') or 'checkpoint'}"
+    return fresh_folder(base)
+
+
+def eval_output_dir(checkpoint: str, output_dir: Optional[str], overwrite: bool) -> Path:
+    """The folder an evaluation writes to, checked to be writable; an explicit ``output_dir`` that
+    holds an earlier evaluation's files is refused unless ``overwrite``."""
+    if output_dir is None:
+        out = default_eval_dir(checkpoint)
+    else:
+        out = Path(output_dir)
+        if not overwrite:
+            refuse_existing([out / name for name in EVAL_FILES],
+                            "pass --overwrite to replace them, or choose another --output-dir")
+    return check_writable(out, "--output-dir")
+
+
 def evaluate_checkpoint(checkpoint: str, config_path: Optional[str] = None, overrides=(),
                         output_dir: Optional[str] = None, device: str = "auto", batch_size: Optional[int] = None,
-                        quiet: bool = False, batched_backbone: bool = False) -> dict:
+                        quiet: bool = False, batched_backbone: bool = False, overwrite: bool = False,
+                        strict: bool = False) -> dict:
     """COCO mAP of a checkpoint file (ours, official DETR, iRPE model zoo) on the config's val split.
 
+    Writes ``metrics.json`` and ``detections.json`` into ``output_dir`` (see
+    :func:`eval_output_dir`; the folder is in the returned metrics as ``output_dir``).
     ``batched_backbone``: run the CNN on padded batches, as training does (see :func:`predict_dataset`).
+    When the model's classes are not the annotations' categories the AP measures nothing: that is
+    a :class:`ClassMismatchWarning` and a ``warnings`` entry in ``metrics.json``, or with ``strict``
+    a :class:`ClassMismatchError` before any work.
     """
-    torch_device = du.init_distributed(device)
+    torch_device = du.init_distributed(device, option="--device")
+    out = du.on_main_process(eval_output_dir, checkpoint, output_dir, overwrite)
     detector = load_detector(checkpoint, config_path, overrides, device=str(torch_device))
     cfg = detector.config
     dataset = build_dataset(cfg.data, "val")
-    out = Path(output_dir or cfg.train.output_dir)
+    problems = []
+    mismatch = class_mismatch(detector.categories, cfg.model.num_classes, dataset.categories)
+    if mismatch:
+        message = (f"the model's classes are not the categories of {dataset.annotation_file}: {mismatch}. "
+                   f"The AP below measures nothing meaningful: evaluate on the data the model was trained for")
+        if strict:
+            raise ClassMismatchError(message)
+        if du.is_main_process():
+            warnings.warn(message, ClassMismatchWarning, stacklevel=2)
+        problems.append(message)
     metrics = evaluate(detector.model, detector.postprocessor, dataset, torch_device,
                        batch_size=batch_size or cfg.train.batch_size, num_workers=cfg.data.num_workers,
-                       output_dir=out, amp=cfg.train.amp, quiet=quiet, backbone_per_image=not batched_backbone)
+                       output_dir=out, amp=cfg.train.amp, quiet=quiet, backbone_per_image=not batched_backbone,
+                       caveats=problems)
     du.cleanup_distributed()
-    return metrics
+    return {**metrics, "output_dir": str(out)}

@@ -7,6 +7,8 @@ from collections import defaultdict, deque
 from pathlib import Path
 from typing import Dict, Optional
 
+from ..files import append_line, make_folder
+
 
 class SmoothedValue:
     """Running median/average over a window plus the global average."""
@@ -58,12 +60,11 @@ class JsonlWriter:
         self.path = Path(path) if path is not None else None
         self.enabled = enabled and self.path is not None
         if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(self.path.parent)
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record, default=float) + "\n")
+            append_line(self.path, json.dumps(record, default=float))
 
 
 def read_jsonl(path) -> list:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..config import Config, ConfigError
 from ..data import build_dataloader, build_dataset, set_epoch
+from ..files import OutputExistsError, check_writable, refuse_existing
 from ..models.backbone import TinyBackbone, build_backbone
 from . import distributed as du
 from .state import atomic_save
@@ -101,11 +102,11 @@ def image_labels(targets: List[dict], num_classes: int) -> Tensor:
 
 
 def pretrain_backbone(cfg: Config, out_path: str, seconds: Optional[float] = None,
-                      quiet: bool = False) -> PretrainResult:
+                      quiet: bool = False, overwrite: bool = False) -> PretrainResult:
     """Pretrain ``cfg.model``'s (tiny) backbone on the image-level labels of ``cfg.data``'s
     training split for ``cfg.train.pretrain_iterations`` steps (batch ``cfg.train.pretrain_batch_size``,
     AdamW at ``cfg.train.pretrain_lr``), or until ``seconds`` of wall time have passed if that comes
-    first, then save its state dict to ``out_path``."""
+    first, then save its state dict to ``out_path`` (an existing file only with ``overwrite``)."""
     iterations, batch_size, lr = cfg.train.pretrain_iterations, cfg.train.pretrain_batch_size, cfg.train.pretrain_lr
     if iterations <= 0:
         raise ConfigError("train.pretrain_iterations must be > 0 to pretrain the backbone")
@@ -113,6 +114,7 @@ def pretrain_backbone(cfg: Config, out_path: str, seconds: Optional[float] = Non
         raise ConfigError(f"backbone pretraining is for the tiny backbone (no ImageNet weights); "
                           f"{cfg.model.backbone!r} starts from backbone_weights=imagenet instead")
     device = du.init_distributed(cfg.train.device)
+    du.on_main_process(_check_output, Path(out_path), overwrite)
     torch.manual_seed(cfg.train.seed)
     train_set = build_dataset(cfg.data, "train")
     num_classes = cfg.model.num_classes or train_set.num_classes
@@ -151,8 +153,16 @@ def pretrain_backbone(cfg: Config, out_path: str, seconds: Optional[float] = Non
         epoch += 1
 
 
+def _check_output(out_path: Path, overwrite: bool) -> None:
+    """Before any work: ``out_path`` may be written (and replaced only with ``overwrite``)."""
+    if out_path.is_dir():
+        raise OutputExistsError(f"--out {out_path} is a folder: name the file to write, e.g. {out_path / 'backbone.pth'}")
+    if not overwrite:
+        refuse_existing([out_path], "pass --overwrite to replace it, or choose another --out")
+    check_writable(out_path.parent)
+
+
 def _save(backbone: TinyBackbone, out_path: str, losses: List[float], seconds: float) -> PretrainResult:
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     if du.is_main_process():
         atomic_save(backbone.state_dict(), out_path)
     du.barrier()

@@ -1,36 +1,22 @@
 """Saving training state: atomic writes, rolling and best checkpoints, RNG states for exact resume."""
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from ..interop import save_safetensors
 
 
 def atomic_save(obj, path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
-
-    A crash while writing leaves the previous file at ``path`` intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``
+    (:func:`detr_irpe.files.atomic_write`: the umask's permissions; a full disk or a crash while
+    writing leaves the previous file at ``path`` intact and raises ``OutputError`` naming it)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def capture_rng() -> dict:

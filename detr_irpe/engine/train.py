@@ -4,24 +4,46 @@ from __future__ import annotations
 import math
 import signal
 import time
+import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import Config, save_config
+from ..config import Config, apply_overrides, config_from_dict, load_config, override_keys, save_config, validate
 from ..data import build_dataloader, build_train_val_datasets, set_epoch
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DetrIrpeError
+from ..evaluation import ClassMismatchWarning, class_mismatch
+from ..files import OutputError, free_space
 from ..models import build_detr
 from . import distributed as du
 from .checkpoint import load_checkpoint_file, load_for_finetuning, load_model_weights, state_dict_from_checkpoint
 from .evaluate import evaluate
 from .logger import JsonlWriter, MetricLogger
+from .run_folder import logged_epochs, prepare_run_folder, set_aside_later_records
 from .state import CheckpointKeeper, capture_rng, restore_rng
 from .step import to_device, train_step
 from .tensorboard import TensorBoardWriter, validation_pictures
+
+TRAINING_KEYS = ("model", "optimizer", "lr_scheduler", "epoch")  # what --resume needs in a checkpoint
+
+
+class TrainingStopped(DetrIrpeError):
+    """Training stopped on a signal (SIGTERM, Ctrl-C) after saving a checkpoint; the run is not done.
+
+    ``exit_code`` is what a shell reports for a process killed by that signal (128 + its number),
+    so that ``train && eval`` and job schedulers see an unfinished run.
+    """
+
+    def __init__(self, message: str, signum: int, checkpoint: Path):
+        super().__init__(message)
+        self.signum, self.checkpoint = signum, checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -60,6 +82,7 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signum: Optional[int] = None
         self._previous = {}
 
     def __enter__(self):
@@ -74,9 +97,9 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         if du.is_main_process():
-            print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the next iteration boundary",
-                  flush=True)
+            tqdm.write(f"received {signal.Signals(signum).name}: saving a checkpoint at the next iteration boundary")
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -87,31 +110,40 @@ class StopRequest:
         """True if any process was asked to stop (so all ranks stop at the same iteration)."""
         return du.any_process(self.requested, device)
 
+    @property
+    def signal_number(self) -> int:
+        """The signal that asked for the stop (SIGTERM when it came from another rank)."""
+        return self.signum if self.signum is not None else int(signal.SIGTERM)
+
 
 class Trainer:
     """Holds everything a run needs; ``fit()`` trains, evaluates and checkpoints.
 
     Build it from a validated :class:`Config`. ``resume`` is a checkpoint path written by this
     trainer (``output_dir/checkpoint.pth``): model, optimizer, scheduler, epoch, position in the
-    epoch and RNG states are restored, so the continued run equals an uninterrupted one.
+    epoch and RNG states are restored, so the continued run equals an uninterrupted one
+    (``checkpoint``: that file already read). A new run refuses an output folder that holds
+    another run (:func:`~detr_irpe.engine.run_folder.prepare_run_folder`); every listed image
+    file must exist before any training time is spent.
     """
 
-    def __init__(self, cfg: Config, resume: Optional[str] = None, quiet: bool = False):
+    def __init__(self, cfg: Config, resume: Optional[str] = None, quiet: bool = False,
+                 checkpoint: Optional[dict] = None):
         self.cfg = cfg
-        self.quiet = quiet or not du.is_main_process()
         t = cfg.train
         self.device = du.init_distributed(t.device)
+        self.quiet = quiet or not du.is_main_process()
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(t.seed + du.get_rank())
         self.output_dir = Path(t.output_dir)
-        if du.is_main_process():
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+        du.on_main_process(prepare_run_folder, self.output_dir, Path(resume) if resume else None)
 
-        self.train_set, self.val_set = build_train_val_datasets(cfg)
+        self.train_set, self.val_set = build_train_val_datasets(cfg)  # every image file is there
         if cfg.model.num_classes is None:
             cfg.model.num_classes = self.train_set.num_classes
             self._say(f"num_classes from {cfg.data.train_annotations}: {cfg.model.num_classes}")
+        self._report_data()
         self.model, self.criterion, self.postprocessor = build_detr(cfg.model)
         self.model.to(self.device)
         self.criterion.to(self.device)
@@ -124,9 +156,10 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_ap = -1.0
         self.history: List[dict] = []
+        self.pending: Optional[dict] = None  # a finished epoch whose evaluation / log line is still to come
 
         if resume:
-            self._resume(resume)
+            self._resume(resume, checkpoint)
         elif t.pretrained:
             report = load_for_finetuning(self.model, state_dict_from_checkpoint(load_checkpoint_file(t.pretrained)))
             self._say(f"initialised from {t.pretrained}: {report}")
@@ -136,14 +169,51 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.keeper = CheckpointKeeper(self.output_dir, keep_last=t.keep_last, safetensors=t.save_safetensors)
+        du.on_main_process(self._check_free_space)
         self.log = JsonlWriter(self.output_dir / "log.jsonl", enabled=du.is_main_process())
+        if resume and du.is_main_process():
+            aside = set_aside_later_records(self.log.path, self.epoch)
+            if aside is not None:
+                self._say(f"log records of epoch {self.epoch} and later (from before this resume) moved to {aside}")
         self.tensorboard = TensorBoardWriter(self.output_dir / "tensorboard", enabled=t.tensorboard and du.is_main_process())
         if du.is_main_process():
             save_config(cfg, self.output_dir / "config.yaml")
 
     def _say(self, msg: str) -> None:
         if not self.quiet:
-            print(msg, flush=True)
+            tqdm.write(msg)
+
+    def _report_data(self) -> None:
+        """Say once what loading drops from the training annotations, and warn when the validation
+        categories are not the training ones (its AP would then measure nothing)."""
+        if not du.is_main_process():
+            return
+        note = self.train_set.dropped_boxes_note()
+        if note:
+            self._say(f"training data: {note}")
+        mismatch = class_mismatch(self.train_set.categories, self.cfg.model.num_classes, self.val_set.categories)
+        if mismatch:
+            warnings.warn(f"the validation categories ({self.val_set.annotation_file}) are not the training ones "
+                          f"({self.train_set.annotation_file}): {mismatch}", ClassMismatchWarning, stacklevel=3)
+
+    def _check_free_space(self) -> None:
+        """Refuse to start when the output folder's disk cannot hold one checkpoint (model and
+        optimizer state); warn when it cannot hold the ones the run keeps."""
+        free = free_space(self.output_dir)
+        if free is None:
+            return
+        tensors = [p for p in self.model.parameters()] + [b for b in self.model.buffers()]
+        size = sum(x.numel() * x.element_size() for x in tensors)
+        trained = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        checkpoint = size + 2 * trained  # AdamW keeps two moments per trained parameter
+        kept = 2 + self.cfg.train.keep_last  # latest, best, the rolling ones
+        mb = lambda n: f"{n / 2**20:.0f} MB"  # noqa: E731
+        if free < checkpoint:
+            raise OutputError(f"train.output_dir {self.output_dir}: its disk has {mb(free)} free, less than one "
+                              f"checkpoint of this model ({mb(checkpoint)}). Free some space or choose another folder")
+        if free < kept * checkpoint:
+            warnings.warn(f"train.output_dir {self.output_dir}: its disk has {mb(free)} free; the {kept} checkpoints "
+                          f"this run keeps take about {mb(kept * checkpoint)}", ResourceWarning, stacklevel=2)
 
     # ----------------------------------------------------------------- checkpoints
     def state(self) -> dict:
@@ -156,6 +226,7 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "best_ap": self.best_ap,
+            "pending_epoch": self.pending,
             "config": self.cfg.to_dict(),
             "categories": self.train_set.categories,
             "rng": capture_rng(),
@@ -167,12 +238,9 @@ class Trainer:
             self.keeper.save(self.state(), epoch_end=epoch_end, is_best=is_best)
         du.barrier()
 
-    def _resume(self, path: str) -> None:
-        ckpt = load_checkpoint_file(path)
-        for key in ("model", "optimizer", "lr_scheduler", "epoch"):
-            if key not in ckpt:
-                raise CheckpointError(f"{path} is not a training checkpoint of this project (no '{key}'); "
-                                 f"to start from its weights use train.pretrained={path}")
+    def _resume(self, path: str, ckpt: Optional[dict] = None) -> None:
+        ckpt = ckpt if ckpt is not None else load_checkpoint_file(path)
+        require_training_checkpoint(ckpt, path)
         load_model_weights(self.model, ckpt["model"], strict=True, source=str(path))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -182,6 +250,10 @@ class Trainer:
         self.step_in_epoch = ckpt.get("step_in_epoch", 0)
         self.global_step = ckpt.get("global_step", 0)
         self.best_ap = ckpt.get("best_ap", -1.0)
+        pending = ckpt.get("pending_epoch")
+        # an epoch saved before its evaluation ran (or before its log line was written)
+        if pending and pending["record"]["epoch"] not in logged_epochs(self.output_dir / "log.jsonl"):
+            self.pending = pending
         restore_rng(ckpt.get("rng"))
         self._apply_new_lr(ckpt.get("config", {}).get("train", {}))
         self._say(f"resumed from {path}: epoch {self.epoch}, iteration {self.step_in_epoch} of the epoch")
@@ -278,55 +350,91 @@ class Trainer:
                         output_dir=output_dir or self.output_dir, amp=self.cfg.train.amp, quiet=self.quiet,
                         table=table)
 
+    @property
+    def finished(self) -> bool:
+        """Every epoch trained, evaluated and logged."""
+        return self.epoch >= self.cfg.train.epochs and self.pending is None
+
     def fit(self) -> dict:
         """Train ``cfg.train.epochs`` epochs (from where a resume left off). Returns the last metrics.
 
-        Each epoch prints one line (loss, class error, and AP / AP50 / AP75 after an evaluation);
-        pycocotools' full table is printed once, after the last evaluation.
+        At the end of each epoch its checkpoint is written first, then the evaluation runs, then
+        the log line is written: a failure after the training never loses the epoch, and a resume
+        completes what is missing. Each epoch prints one line (loss, class error, and AP / AP50 /
+        AP75 after an evaluation); pycocotools' full table is printed once, after the last evaluation.
+
+        Raises:
+            TrainingStopped: SIGTERM / SIGINT arrived; the checkpoint was saved first.
         """
         t = self.cfg.train
         last_eval: dict = {}
         deadline = time.time() + 60.0 * t.max_minutes if t.max_minutes else None
-        with StopRequest() as stop:
-            while self.epoch < t.epochs:
-                stats = self.train_one_epoch(stop, deadline)
-                if stats.get("stopped"):
-                    self.save()
-                    self._say(f"stopped at epoch {self.epoch}, iteration {self.step_in_epoch}; "
-                              f"checkpoint saved to {self.keeper.latest}. Continue with --resume {self.keeper.latest}")
-                    self.tensorboard.close()
-                    return {"stopped": True, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
-                finished = self.epoch
-                self.epoch += 1
-                self.step_in_epoch = 0
-                if not self.step_lr_every_iteration:
-                    self.scheduler.step()
-                out_of_time = stats.pop("out_of_time", False)
-                record = {"epoch": finished, **{f"train_{k}": v for k, v in stats.items()}}
-                if out_of_time:
-                    record["out_of_time"] = True
-                is_best = False
-                if (t.eval_every and self.epoch % t.eval_every == 0) or self.epoch == t.epochs or out_of_time:
-                    last_eval = self.evaluate(table=self.epoch == t.epochs or out_of_time)
-                    if self.tensorboard.writer is not None:
-                        pictures = validation_pictures(self.model, self.postprocessor, self.val_set, self.cfg.data,
-                                                       t.tensorboard_images, self.device)
-                        self.tensorboard.evaluation(last_eval, pictures, self.global_step)
-                    record.update({f"val_{k}": v for k, v in last_eval.items() if isinstance(v, (int, float))})
-                    ap = last_eval.get("AP", -1.0)
-                    is_best = ap > self.best_ap
-                    self.best_ap = max(self.best_ap, ap)
-                self.log.write(record)
-                self.history.append(record)
-                self.save(epoch_end=True, is_best=is_best)
-                self._say(_epoch_line(record))
-                if out_of_time:
-                    self._say(f"train.max_minutes={t.max_minutes:g} spent: stopped after {self.global_step} iterations "
-                              f"(epoch {finished} cut short at iteration {stats['iterations']})")
-                    break
-        self.tensorboard.close()
+        try:
+            if self.pending is not None:  # the epoch of the checkpoint we resumed from is not complete
+                last_eval = self._complete_epoch() or last_eval
+            with StopRequest() as stop:
+                while self.epoch < t.epochs:
+                    stats = self.train_one_epoch(stop, deadline)
+                    if stats.get("stopped"):
+                        self._stop(stop.signal_number)
+                    out_of_time = self._end_epoch(stats)
+                    self.save(epoch_end=True)  # the trained epoch is safe before anything else can fail
+                    last_eval = self._complete_epoch() or last_eval
+                    if out_of_time:
+                        self._say(f"train.max_minutes={t.max_minutes:g} spent: stopped after {self.global_step} "
+                                  f"iterations (epoch {self.epoch - 1} cut short at iteration {stats['iterations']})")
+                        break
+        finally:
+            self.tensorboard.close()
         du.cleanup_distributed()
         return last_eval
+
+    def _stop(self, signum: int) -> None:
+        self.save()
+        name = signal.Signals(signum).name
+        raise TrainingStopped(f"stopped by {name} at epoch {self.epoch}, iteration {self.step_in_epoch}: checkpoint "
+                              f"saved to {self.keeper.latest}. Continue with: detr-irpe train --resume "
+                              f"{self.keeper.latest}", signum, self.keeper.latest)
+
+    def _end_epoch(self, stats: dict) -> bool:
+        """Count the epoch as trained and set up its record (``self.pending``); returns whether the
+        time budget cut it short."""
+        t = self.cfg.train
+        finished = self.epoch
+        self.epoch += 1
+        self.step_in_epoch = 0
+        if not self.step_lr_every_iteration:
+            self.scheduler.step()
+        out_of_time = bool(stats.pop("out_of_time", False))
+        record = {"epoch": finished, **{f"train_{k}": v for k, v in stats.items()}}
+        if out_of_time:
+            record["out_of_time"] = True
+        evaluate_now = bool((t.eval_every and self.epoch % t.eval_every == 0) or self.epoch == t.epochs or out_of_time)
+        self.pending = {"record": record, "evaluate": evaluate_now}
+        return out_of_time
+
+    def _complete_epoch(self) -> dict:
+        """Evaluate the pending epoch if due, keep the best checkpoint, then write its log line."""
+        t = self.cfg.train
+        record, metrics = dict(self.pending["record"]), {}
+        is_best = False
+        if self.pending["evaluate"]:
+            metrics = self.evaluate(table=self.epoch >= t.epochs or record.get("out_of_time", False))
+            if self.tensorboard.writer is not None:
+                pictures = validation_pictures(self.model, self.postprocessor, self.val_set, self.cfg.data,
+                                               t.tensorboard_images, self.device)
+                self.tensorboard.evaluation(metrics, pictures, self.global_step)
+            record.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            ap = metrics.get("AP", -1.0)
+            is_best = ap > self.best_ap
+            self.best_ap = max(self.best_ap, ap)
+        self.pending = None
+        if is_best:  # checkpoint_best, and the latest again with the new best AP (for a later resume)
+            self.save(is_best=True)
+        self.log.write(record)
+        self.history.append(record)
+        self._say(_epoch_line(record))
+        return metrics
 
 
 def _epoch_line(record: dict) -> str:
@@ -339,6 +447,62 @@ def _epoch_line(record: dict) -> str:
     return " | ".join(parts)
 
 
+def require_training_checkpoint(ckpt: dict, path) -> None:
+    """Raise unless ``ckpt`` holds what ``--resume`` needs (a training checkpoint of this project)."""
+    for key in TRAINING_KEYS:
+        if key not in ckpt:
+            raise CheckpointError(f"{path} is not a training checkpoint of this project (no '{key}'); "
+                                  f"to start from its weights use train.pretrained={path}")
+
+
+def _flat(config_dict: dict) -> Dict[str, object]:
+    return {f"{section}.{key}": value for section, values in config_dict.items() for key, value in values.items()}
+
+
+def config_changes(before: dict, after: dict) -> List[str]:
+    """``section.key: old -> new`` for every setting that differs between two ``Config.to_dict()``s."""
+    old, new = _flat(before), _flat(after)
+    return [f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in new if old.get(key) != new[key]]
+
+
+def resume_config(ckpt: dict, checkpoint: str, config_path: Optional[str] = None,
+                  overrides: Sequence[str] = ()) -> Config:
+    """The config a resumed run continues with: the run's own (stored in the checkpoint), or
+    ``config_path``, with ``overrides`` on top; it writes into the checkpoint's folder unless
+    ``train.output_dir`` is overridden."""
+    require_training_checkpoint(ckpt, checkpoint)
+    if config_path is not None:
+        cfg = load_config(config_path, overrides)
+    elif isinstance(ckpt.get("config"), dict):
+        cfg = apply_overrides(config_from_dict(ckpt["config"]), overrides)
+        validate(cfg)
+    else:
+        raise CheckpointError(f"{checkpoint} stores no config of this project (not written by detr-irpe train): "
+                              f"give the run's --config to resume it")
+    if "train.output_dir" not in override_keys(overrides):
+        cfg.train.output_dir = str(Path(checkpoint).parent)
+    return cfg
+
+
 def train(cfg: Config, resume: Optional[str] = None) -> dict:
-    """Train with ``cfg`` (optionally resuming); returns the final evaluation metrics."""
+    """Train with ``cfg`` (optionally resuming with exactly ``cfg``); returns the final evaluation metrics."""
     return Trainer(cfg, resume=resume).fit()
+
+
+def resume_training(checkpoint: str, config_path: Optional[str] = None, overrides: Sequence[str] = (),
+                    quiet: bool = False) -> dict:
+    """Continue the run of ``checkpoint`` (see :func:`resume_config`), saying which settings changed;
+    a run that already finished says so and trains nothing. Returns the final evaluation metrics
+    (``{"finished_before": True}`` for a finished run)."""
+    ckpt = load_checkpoint_file(checkpoint)
+    cfg = resume_config(ckpt, checkpoint, config_path, overrides)
+    trainer = Trainer(cfg, resume=checkpoint, quiet=quiet, checkpoint=ckpt)
+    changes = config_changes(ckpt.get("config") or {}, cfg.to_dict())
+    if changes:
+        trainer._say("resuming with changed settings:\n  " + "\n  ".join(changes))
+    if trainer.finished:
+        trainer._say(f"{checkpoint} is the end of a finished run: all {cfg.train.epochs} epochs trained and "
+                     f"evaluated, nothing to do. To train longer, resume with train.epochs=N (N > {cfg.train.epochs})")
+        du.cleanup_distributed()
+        return {"finished_before": True}
+    return trainer.fit()

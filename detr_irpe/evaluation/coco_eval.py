@@ -15,6 +15,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
 from ..errors import UsageError
+from ..files import atomic_write_json
 
 # The 12 numbers of COCOeval.summarize() for boxes, in its order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -137,9 +138,8 @@ class CocoEvaluator:
         if self.metrics is None:
             self.summarize(verbose=False)
         output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "detections.json").write_text(json.dumps(self.results()))
-        (output_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+        atomic_write_json(output_dir / "detections.json", self.results())
+        atomic_write_json(output_dir / "metrics.json", self.metrics, indent=2)
 
     def _evaluate(self, results: List[dict], names: Mapping[int, str]):
         with contextlib.redirect_stdout(io.StringIO()):  # progress lines

@@ -7,6 +7,7 @@ traced with; if its outputs are not PyTorch's, :class:`ExportMismatchError` is r
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch.export import ExportedProgram
 
 from ..engine.inference import LoadedDetector, load_detector
 from ..errors import DetrIrpeError, UsageError
+from ..files import OutputError, check_writable, describe_os_error, output_mode, refuse_existing, refuse_inputs
 from .preprocess import Preprocessing
 from .program import INPUT_NAMES, OUTPUT_NAMES, InputLimits, encoder_irpe_specs, export_program, sample_inputs
 from .runtime import onnx_session, run_onnx
@@ -61,11 +63,17 @@ class ExportResult:
     program: Optional[ExportedProgram] = None
 
 
-def check_options(out, fmt: str, opset: Optional[int]) -> Optional[int]:
-    """Validate the output path, format and opset; returns the opset to use (None for torch-export)."""
+def check_options(out, fmt: str, opset: Optional[int], overwrite: bool = False) -> Optional[int]:
+    """Validate the output path, format and opset; returns the opset to use (None for torch-export).
+
+    Without ``overwrite`` an existing model file or sidecar at ``out`` is refused."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder: name the model file to write, e.g. {out / ('model' + FORMATS[fmt])}")
+    if not overwrite:
+        refuse_existing([out, sidecar_path(out)], "pass --overwrite to replace them, or choose another --out")
     if out.suffix == ".json":
         raise UsageError(f"--out {out} would be overwritten by the sidecar JSON; name the model file "
                          f"{out.with_suffix(FORMATS[fmt]).name}")
@@ -117,7 +125,8 @@ def _check(run, model: torch.nn.Module, images: Tensor, mask: Tensor, what: str)
     return diffs
 
 
-def export_detector(detector: LoadedDetector, out, fmt: str = "onnx", opset: Optional[int] = None) -> ExportResult:
+def export_detector(detector: LoadedDetector, out, fmt: str = "onnx", opset: Optional[int] = None,
+                    overwrite: bool = False) -> ExportResult:
     """Export ``detector.model`` to ``out`` (ONNX, or a ``torch.export`` program) and write the sidecar JSON.
 
     The model must be a float32 model on the CPU (``load_detector(..., device="cpu")``); it is put in
@@ -126,40 +135,47 @@ def export_detector(detector: LoadedDetector, out, fmt: str = "onnx", opset: Opt
     width are dynamic (sides from ``backbone stride + 1`` pixels; at most ``50 x stride`` with a learned
     position embedding).
 
+    The model file is written under a temporary name and renamed once it passed the check, so a
+    failed export leaves an earlier file at ``out`` as it was.
+
     Raises:
         UsageError: a bad format, opset, output path or model device / dtype.
+        OutputExistsError: ``out`` or its sidecar exists and ``overwrite`` is not set.
         ExportMismatchError: the written file does not compute what the model computes.
     """
-    opset = check_options(out, fmt, opset)
+    opset = check_options(out, fmt, opset, overwrite)
     model = detector.model.eval()
     params = list(model.parameters())
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
         raise UsageError("export a float32 model on the CPU: load it with load_detector(..., device='cpu')")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(out.parent)
     limits = InputLimits.of(model)
+    written = out.with_name(f".{out.stem}.exporting{out.suffix}")
 
     start = time.perf_counter()
     program = export_program(model)
-    if fmt == "onnx":
-        save_onnx(program, out, opset)
-    else:
-        save_program(program, out)
-    seconds = time.perf_counter() - start
-
-    images, mask = sample_inputs(2, limits.sample_sizes(model.backbone.stride)[1], seed=1)
     try:
         if fmt == "onnx":
-            session = onnx_session(out)
+            save_onnx(program, written, opset)
+        else:
+            save_program(program, written)
+        seconds = time.perf_counter() - start
+        images, mask = sample_inputs(2, limits.sample_sizes(model.backbone.stride)[1], seed=1)
+        if fmt == "onnx":
+            session = onnx_session(written)
             diffs = _check(lambda x, m: run_onnx(session, x, m), model, images, mask, "ONNX model")
             runtime = f"onnxruntime {onnxruntime.__version__}"
         else:
-            loaded = torch.export.load(str(out)).module()
+            loaded = torch.export.load(str(written)).module()
             diffs = _check(lambda x, m: dict(zip(OUTPUT_NAMES, loaded(x, m))), model, images, mask, "program")
             runtime = "torch.export.load"
-    except ExportMismatchError:
-        out.unlink(missing_ok=True)
-        raise
+        os.chmod(written, output_mode())
+        os.replace(written, out)
+    except OSError as e:
+        raise OutputError(describe_os_error(e, out)) from e
+    finally:
+        written.unlink(missing_ok=True)
 
     cfg = detector.config
     info = deployment_info(
@@ -175,7 +191,11 @@ def export_detector(detector: LoadedDetector, out, fmt: str = "onnx", opset: Opt
 
 
 def export_checkpoint(checkpoint: str, out, fmt: str = "onnx", opset: Optional[int] = None,
-                      config_path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExportResult:
-    """:func:`export_detector` of any checkpoint ``tools/eval.py`` accepts (path or URL)."""
-    check_options(out, fmt, opset)  # before the (possibly long) load
-    return export_detector(load_detector(checkpoint, config_path, overrides, device="cpu"), out, fmt, opset)
+                      config_path: Optional[str] = None, overrides: Sequence[str] = (),
+                      overwrite: bool = False) -> ExportResult:
+    """:func:`export_detector` of any checkpoint ``tools/eval.py`` accepts (path or URL); never
+    written over the checkpoint itself."""
+    check_options(out, fmt, opset, overwrite)  # before the (possibly long) load
+    refuse_inputs([out, sidecar_path(out)], [checkpoint], "choose another --out")
+    return export_detector(load_detector(checkpoint, config_path, overrides, device="cpu"), out, fmt, opset,
+                           overwrite)

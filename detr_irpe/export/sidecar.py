@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..errors import InputNotFoundError, UsageError
+from ..files import atomic_write_json
 from .preprocess import Preprocessing
 from .program import INPUT_NAMES, OUTPUT_NAMES, InputLimits
 
@@ -75,9 +76,8 @@ def deployment_info(*, model_file: str, fmt: str, opset: Optional[int], preproce
 
 
 def write_sidecar(info: dict, path) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(info, indent=1) + "\n")
-    return path
+    """Write ``info`` as the sidecar JSON at ``path`` (atomically)."""
+    return atomic_write_json(path, info, indent=1)
 
 
 def read_sidecar(path) -> dict:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..config import Config, ModelConfig
 from ..errors import CheckpointError, CheckpointNotFoundError
+from ..files import atomic_write_text, make_folder
 from .hf_config import (backbone_from_hf, categories_from_hf, hf_backbone_for, hf_config_from_model,
                         model_config_from_hf)
 from .hf_weights import check_fits, hf_to_ours, our_shapes, ours_to_hf, position_embedding_prefix
@@ -27,6 +28,7 @@ from .safetensors_io import save_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+WRITTEN_FILES = (CONFIG_FILE, WEIGHTS_FILES[0])  # what save_hf_folder writes
 # "namespace/name" or "namespace/name@revision", as on the hub; a local path is tried first
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")
 _FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar", ".json", ".yaml", ".yml")
@@ -148,11 +150,8 @@ def save_hf_folder(out_dir: Union[str, os.PathLike], state_dict: Mapping[str, Te
     check_fits(state_dict, our_shapes(model_config), "cannot write a Hugging Face folder")
     hf_state = ours_to_hf(state_dict, hf_backbone_for(model_config, backbone_layout).layout,
                           position_prefix=position_embedding_prefix())
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir, "output folder")
     save_safetensors(out / WEIGHTS_FILES[0], hf_state)
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / CONFIG_FILE)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     return out
 

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from ..errors import CheckpointError
+from ..files import atomic_write
 
 CONFIG_KEY = "detr_irpe.config"
 CATEGORIES_KEY = "detr_irpe.categories"
@@ -36,7 +37,8 @@ def save_safetensors(path: Union[str, os.PathLike], state_dict: Mapping[str, Ten
         categories: ``{category id: name}``, stored as JSON in the metadata (optional).
 
     Returns the path written. The file appears complete or not at all (written next to it, then
-    renamed), so an interrupted save never leaves a truncated file behind.
+    renamed, :func:`detr_irpe.files.atomic_write`), so an interrupted save never leaves a
+    truncated file behind.
     """
     path = Path(path)
     metadata = {"format": "pt"}
@@ -44,10 +46,8 @@ def save_safetensors(path: Union[str, os.PathLike], state_dict: Mapping[str, Ten
         metadata[CONFIG_KEY] = json.dumps(config_dict)
     if categories is not None:
         metadata[CATEGORIES_KEY] = json.dumps({str(int(k)): str(v) for k, v in categories.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(_unshared(state_dict), str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    payload = save(_unshared(state_dict), metadata=metadata)
+    return atomic_write(path, lambda f: f.write(payload))
 
 
 def _unshared(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:

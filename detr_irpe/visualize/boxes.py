@@ -11,6 +11,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
 
+from ..files import atomic_write
+
 TITLE_HEIGHT = 24  # pixels of the title strip above each panel
 
 
@@ -70,11 +72,9 @@ def side_by_side(images: Sequence[Tensor], gap: int = 8) -> Tensor:
 
 
 def save_png(image: Tensor, path) -> Path:
-    """Write a ``(3, H, W)`` uint8 image as a PNG file (creating its folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy()).save(path, format="PNG")
-    return path
+    """Write a ``(3, H, W)`` uint8 image as a PNG file, atomically (creating its folder)."""
+    picture = Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy())
+    return atomic_write(path, lambda f: picture.save(f, format="PNG"))
 
 
 def _font(size: int) -> ImageFont.ImageFont:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import UsageError
+from ..files import atomic_write
 
 # (panel title, y label, metric names without the train_ / val_ prefix)
 PANELS: Tuple[Tuple[str, str, Tuple[str, ...]], ...] = (
@@ -106,7 +107,4 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping]], out, title: Opti
                title="run")
     if title:
         fig.suptitle(title)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    return out
+    return atomic_write(out, lambda f: fig.savefig(f, dpi=dpi, format="png"))

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UsageError
+from ..files import atomic_write
 
 from ..irpe import RPEMultiheadAttention, num_buckets
 
@@ -244,10 +245,7 @@ def plot_table_views(views: Sequence[TableView], out, title: Optional[str] = Non
                 axes[r, c].set_axis_off()
     if title:
         fig.suptitle(title, fontsize=11)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    return out
+    return atomic_write(out, lambda f: fig.savefig(f, dpi=dpi, format="png"))
 
 
 def plot_rpe_tables(model: nn.Module, out, layers: Optional[Sequence[int]] = None,
