@@ -60,33 +60,34 @@ def free_space(folder: PathLike) -> Optional[int]:
         return None
 
 
-def describe_os_error(error: OSError, path: PathLike) -> str:
-    """``cannot write <path>: <why>. <what to do>`` for an ``OSError`` met while writing ``path``."""
+def describe_os_error(error: OSError, path: PathLike, action: str = "write") -> str:
+    """``cannot <action> <path>: <why>. <what to do>`` for an ``OSError`` met while writing ``path``."""
     path = Path(path)
-    folder = path if path.is_dir() else path.parent
+    folder = _nearest_existing(path.parent)
     code = error.errno
     if code in (errno.ENOSPC, errno.EDQUOT):
         free = free_space(folder)
         left = f" ({_human(free)} free on the disk holding {folder})" if free is not None else ""
         why = "the disk is full" if code == errno.ENOSPC else "the disk quota is exceeded"
-        return f"cannot write {path}: {why}{left}. Free some space or choose another folder"
+        return f"cannot {action} {path}: {why}{left}. Free some space or choose another folder"
     if code in (errno.EACCES, errno.EPERM):
-        return f"cannot write {path}: no permission to write in {folder}. Choose a folder you can write to"
+        return f"cannot {action} {path}: no permission to write in {folder}. Choose a folder you can write to"
     if code == errno.EROFS:
-        return f"cannot write {path}: {folder} is on a read-only file system. Choose another folder"
+        return f"cannot {action} {path}: {folder} is on a read-only file system. Choose another folder"
     if code == errno.EFBIG:
-        return (f"cannot write {path}: the file would exceed the largest file size allowed here "
+        return (f"cannot {action} {path}: the file would exceed the largest file size allowed here "
                 f"(`ulimit -f`, or the file system's limit). Raise the limit or choose another folder")
-    if code in (errno.ENOTDIR, errno.EEXIST) and not path.parent.is_dir():
-        return f"cannot write {path}: {_first_file_on(path.parent)} is a file, not a folder. Choose another path"
-    return f"cannot write {path}: {error.strerror or error}"
+    if code in (errno.ENOTDIR, errno.EEXIST) and folder.exists() and not folder.is_dir():
+        return f"cannot {action} {path}: {folder} is a file, not a folder. Choose another path"
+    return f"cannot {action} {path}: {error.strerror or error}"
 
 
-def _first_file_on(folder: Path) -> Path:
-    for parent in [folder, *folder.parents]:
-        if parent.exists():
-            return parent
-    return folder
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists."""
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            return candidate
+    return path
 
 
 def make_folder(folder: PathLike, what: str = "output folder") -> Path:
@@ -98,7 +99,7 @@ def make_folder(folder: PathLike, what: str = "output folder") -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"{what}: {describe_os_error(e, folder / '.')}") from None
+        raise OutputError(f"{what}: {describe_os_error(e, folder, 'create')}") from None
     return folder
 
 

@@ -45,6 +45,12 @@ def test_demo_smoke(tmp_path, monkeypatch):
         for f in files:
             assert f.endswith(".png") and Path(f).is_file(), f
 
+    # run again: the earlier run stays as it was, this one goes to a new folder
+    first = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = run_demo(settings)
+    assert again["paths"]["output_dir"] == str(tmp_path / "run-2") and (tmp_path / "run-2" / "checkpoint.pth").is_file()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == first
+
 
 def test_a_cap_that_cuts_the_schedule_says_so(tmp_path, capsys):
     settings = DemoSettings(

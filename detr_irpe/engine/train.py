@@ -316,17 +316,17 @@ class Trainer:
                 self.scheduler.step()
             self.step_in_epoch += 1
             self.global_step += 1
-            logged = du.reduce_dict(result.losses)
-            metrics.update(loss=result.loss, **{k: float(v) for k, v in logged.items()})
+            # every logged number is the mean over processes, the total loss too (NaN where a batch was skipped)
+            total_loss = torch.tensor(float("nan") if result.loss is None else result.loss, device=self.device)
+            logged = {k: float(v) for k, v in du.reduce_dict({**result.losses, "loss": total_loss}).items()}
+            metrics.update(**logged)
             bar.update(1)
             out_of_budget = deadline is not None and time.time() >= deadline
             if self.step_in_epoch < total and du.any_process(out_of_budget, self.device):
                 out_of_time = True
                 break
             if self.global_step % max(t.log_every, 1) == 0 or self.step_in_epoch == total:
-                losses = {k: float(v) for k, v in logged.items()}
-                if result.loss is not None:
-                    losses["loss"] = result.loss
+                losses = {k: v for k, v in logged.items() if math.isfinite(v)}
                 self.tensorboard.training(losses, {g.get("name", str(i)): g["lr"] for i, g in
                                                    enumerate(self.optimizer.param_groups)}, self.global_step)
                 recent = metrics.recent("loss", "class_error")
