@@ -6,6 +6,7 @@ PIP ?= $(PYTHON) -m pip
 install:
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps -e .
+	$(PYTHON) -c "from detr_irpe.irpe import native; raise SystemExit(native.build())" || true
 
 test: install
 	$(PYTHON) -m pytest -q -n 2 --dist loadfile

@@ -20,6 +20,7 @@ from detr_irpe.config import Config
 from detr_irpe.data import AnnotationError, CocoDetection, DatasetNotFoundError, ImageDecodeError, build_dataloader
 from detr_irpe.data.check import check_dataset
 from detr_irpe.data.errors import DataItemError, DataLoaderWorkerError
+from detr_irpe.data import validate
 from detr_irpe.data.validate import validate_coco_dict
 from detr_irpe.apps.predict import SkippedImageWarning, predict_images
 from detr_irpe.data.images import read_rgb
@@ -143,19 +144,42 @@ def test_every_error_is_listed_at_once(tmp_path):
         assert needle in message
 
 
-def test_validation_is_fast():
-    n = 200_000  # COCO train2017 has 860k annotations; this must stay a matter of seconds
+def valid_coco(n: int) -> dict:
+    """A valid COCO dict of ``n`` annotations (a multiple of 7) on ``n / 7`` images, 80 categories."""
     rng = np.random.default_rng(0)
     images = [{"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480} for i in range(n // 7)]
     xy = rng.uniform(0, 400, (n, 2)).round(2).tolist()
     anns = [{"id": i + 1, "image_id": i % len(images), "category_id": 1 + i % 80, "bbox": [x, y, 30.5, 20.0],
              "area": 610.0, "iscrowd": 0} for i, (x, y) in enumerate(xy)]
-    data = {"images": images, "annotations": anns, "categories": [{"id": c} for c in range(1, 81)]}
-    start = time.perf_counter()
-    report = validate_coco_dict(data)
-    elapsed = time.perf_counter() - start
-    assert report.ok and report.num_annotations == n
-    assert elapsed < 5.0, f"validating {n} annotations took {elapsed:.1f}s"  # ~1 s; catches quadratic slips
+    return {"images": images, "annotations": anns, "categories": [{"id": c} for c in range(1, 81)]}
+
+
+def lines_run(module, function, *args):
+    """``function(*args)`` and how many lines of ``module``'s code it ran (``sys.settrace`` line events)."""
+    count = [0]
+
+    def line(frame, event, arg):
+        count[0] += event == "line"
+        return line
+
+    previous = sys.gettrace()
+    sys.settrace(lambda frame, event, arg: line if frame.f_code.co_filename == module.__file__ else None)
+    try:
+        result = function(*args)
+    finally:
+        sys.settrace(previous)
+    return result, count[0]
+
+
+def test_validation_work_grows_linearly_with_the_annotations():
+    """COCO train2017 has 860k annotations: validating them must stay linear (no scan of the images
+    or the annotations per annotation). Counted in lines run, not in seconds: twice the annotations
+    and images run at most twice the lines of the validator (a quadratic slip runs four times)."""
+    report, small = lines_run(validate, validate.validate_coco_dict, valid_coco(7_000))
+    assert report.ok and report.num_annotations == 7_000 and small > 7_000
+    report, large = lines_run(validate, validate.validate_coco_dict, valid_coco(14_000))
+    assert report.ok and report.num_annotations == 14_000
+    assert large <= 2 * small, f"{small} lines for 7,000 annotations but {large} for 14,000"
 
 
 # --- tolerated: handled during loading, never NaN ----------------------------------------------------
@@ -288,16 +312,28 @@ class FailOn:
 
 
 class KillWorkerOn(CocoDetection):
-    """Item ``victim`` kills the DataLoader worker loading it (as the OOM killer or a segfault would),
-    ``delay`` seconds after it started on it."""
+    """Item ``victim`` kills the DataLoader worker loading it (as the OOM killer or a segfault would);
+    given ``after`` (a path), once that file exists, and it leaves its pid in ``after``.pid first."""
 
-    victim, delay = 5, 0.0
+    victim, after = 5, None
 
     def __getitem__(self, index):
         if index == self.victim and get_worker_info() is not None:
-            time.sleep(self.delay)
+            if self.after is not None:
+                while not self.after.exists():  # an event, not a time: however slow the machine
+                    time.sleep(0.01)
+                self.after.with_suffix(".tmp").write_text(str(os.getpid()))
+                os.replace(self.after.with_suffix(".tmp"), self.after.with_suffix(".pid"))
             os.kill(os.getpid(), signal.SIGKILL)
         return super().__getitem__(index)
+
+
+def exited(pid: int) -> bool:
+    """Whether child ``pid`` has exited (it stays a zombie for PyTorch to inspect: WNOWAIT)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # already reaped
+        return True
 
 
 @contextlib.contextmanager
@@ -335,19 +371,27 @@ def test_exception_in_an_item_names_it(num_workers):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # torch's cleanup after a kill
 @pytest.mark.parametrize("busy_main", [False, True], ids=["waiting-for-batch", "in-training-step"])
-def test_killed_worker_names_its_item(busy_main):
+def test_killed_worker_names_its_item(busy_main, tmp_path):
     ds = val_set(KillWorkerOn)
+    step = tmp_path / "step"
     if busy_main:
-        # item 3 is the second one worker 1 is given: it dies a second later, while the main
-        # process is busy with batch 0 (the step), so PyTorch's SIGCHLD handler notices it there
-        ds.victim, ds.delay = 3, 1.0
+        # item 3 is the second one worker 1 is given: it dies once the main process is busy with
+        # batch 0 (the step), so PyTorch's SIGCHLD handler notices it there. Ordered by events
+        # (the step has begun, the worker has exited), never by seconds.
+        ds.victim, ds.after = 3, step
     image_id = ds.ids[ds.victim]
     loader = build_dataloader(ds, batch_size=1, train=False, num_workers=2)
     with pytest.raises(DataLoaderWorkerError) as info, shut_down_workers(loader):
         for _ in loader:
-            deadline = time.monotonic() + (10 if busy_main else 0)
-            while time.monotonic() < deadline:
-                time.sleep(0.01)
+            if busy_main:
+                step.touch()
+                while not step.with_suffix(".pid").exists():
+                    time.sleep(0.01)
+                victim = int(step.with_suffix(".pid").read_text())
+                while not exited(victim):
+                    time.sleep(0.01)
+                for _ in range(100):  # its SIGCHLD is already pending: the handler raises at once
+                    time.sleep(0.01)
     if busy_main:  # raised inside the loop body, not by next(loader)
         assert any(entry.name == "handler" for entry in info.traceback)
     message = str(info.value)

@@ -83,7 +83,9 @@ def test_keeps_last_k_and_best(tmp_path):
     for epoch, best in [(1, True), (2, False), (3, True), (4, False)]:
         keeper.save({"epoch": epoch}, epoch_end=True, is_best=best)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["checkpoint.pth", "checkpoint_best.pth", "checkpoint_epoch0003.pth", "checkpoint_epoch0004.pth"]
+    # named as the log counts epochs: the end of the 4th epoch (state epoch 4) is epoch 3
+    assert names == ["checkpoint.pth", "checkpoint_best.pth", "checkpoint_epoch0002.pth", "checkpoint_epoch0003.pth"]
+    assert torch.load(tmp_path / "checkpoint_epoch0003.pth")["epoch"] == 4
     assert torch.load(tmp_path / "checkpoint_best.pth")["epoch"] == 3
 
 

@@ -3,9 +3,29 @@ the shipped configs and the kernel source included, from any folder."""
 import os
 import subprocess
 import sys
+import sysconfig
 import venv
+from pathlib import Path
 
 from helpers import COCO, REPO
+
+
+def venv_seeing_these_packages(env_dir: Path) -> Path:
+    """A virtual environment at ``env_dir`` whose Python sees the packages of the interpreter running
+    the tests (torch & co.) after its own; returns its ``python``.
+
+    Not ``system_site_packages=True``: run from inside a virtualenv, that gives the *base*
+    interpreter's packages, not this one's. Instead a ``.pth`` file adds this interpreter's purelib
+    and platlib as site folders (their own ``.pth`` files included, as in a venv over a venv)."""
+    venv.create(env_dir, system_site_packages=False, with_pip=False)
+    python = env_dir / "bin" / "python"
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    here = sysconfig.get_paths()
+    folders = dict.fromkeys([here["purelib"], here["platlib"]])  # often one folder
+    (Path(own) / "packages_of_the_test_runner.pth").write_text(
+        "".join(f"import site; site.addsitedir({folder!r})\n" for folder in folders))
+    return python
 
 
 def test_a_wheel_install_runs_from_another_folder(tmp_path):
@@ -13,8 +33,7 @@ def test_a_wheel_install_runs_from_another_folder(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO),
                     "-w", str(wheels)], check=True, capture_output=True, cwd=tmp_path)
     env_dir = tmp_path / "env"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)  # torch & co. from this interpreter
-    python = env_dir / "bin" / "python"
+    python = venv_seeing_these_packages(env_dir)
     wheel = next(wheels.glob("detr_irpe-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
                    check=True, capture_output=True, cwd=tmp_path)

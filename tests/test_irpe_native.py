@@ -7,6 +7,10 @@ The kernel is built on first use (about half a minute here); every test in this 
 so a machine without a compiler fails here rather than skipping.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +18,7 @@ from detr_irpe.irpe import RPEConfig, RPEMultiheadAttention, as_rpe_config, chun
 from detr_irpe.irpe.attention import choose_impl
 from detr_irpe.irpe.spec import MAX_RATIO
 from irpe_reference import attention_ref
+from helpers import REPO
 from test_irpe_attention import randomize_tables
 
 
@@ -229,6 +234,65 @@ def test_fallback_when_the_kernel_cannot_be_built(monkeypatch):
     strict = RPEMultiheadAttention(16, 2, rpe="rpe-2.0-product-ctx-1-k", rpe_impl="native")
     with pytest.raises(RuntimeError, match=r"rpe_impl='native'.*unavailable.*Ninja is required.*rpe_impl='auto'"):
         strict(x, x, x, hw=(3, 4))
+
+
+BUILDING, BUILT = "building the iRPE CPU kernel", "the iRPE CPU kernel built in"
+BUILD_AHEAD = "from detr_irpe.irpe import native; raise SystemExit(native.build())"
+
+
+@pytest.mark.slow  # a real build from scratch, ~35 s of one core; test_who_says_that_the_kernel_builds covers the logic
+def test_a_build_says_so_once_and_the_cached_build_is_silent(tmp_path):
+    """The first use on a new machine (an empty extension cache) compiles for about half a minute:
+    the process says so on stderr, before and after, once each; the next process loads the cached
+    build and says nothing. The build-ahead command prints the instruction set and the cache folder."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", native.ENV_SWITCH)}
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path)
+    cold, warm = (subprocess.run([sys.executable, "-c", BUILD_AHEAD], capture_output=True, text=True, env=env,
+                                 cwd=REPO, timeout=900) for _ in range(2))
+    assert cold.returncode == 0, cold.stderr
+    assert cold.stderr.count(BUILDING) == 1 and cold.stderr.count(BUILT) == 1, cold.stderr
+    assert cold.stderr.index(BUILDING) < cold.stderr.index(BUILT)
+    assert warm.returncode == 0 and BUILDING not in warm.stderr and BUILT not in warm.stderr, warm.stderr
+    folder = tmp_path / f"detr_irpe_rpe_cpu_{native.instruction_set()}"
+    assert cold.stdout == warm.stdout == f"iRPE CPU kernel: {native.instruction_set()} build, cached in {folder}\n"
+
+
+class FakeExtensions:
+    """``torch.utils.cpp_extension`` whose ``load`` "builds" by writing the library file (or not)."""
+
+    def __init__(self, library, writes):
+        self.library, self.writes = library, writes
+
+    def load(self, **kwargs):
+        if self.writes:
+            self.library.write_bytes(b"a new build")
+        return "the module"
+
+
+@pytest.mark.parametrize("cached, writes, rank, said", [
+    (False, True, None, [BUILDING, BUILT]),  # a new machine
+    (True, False, None, []),  # the cached build loads
+    (True, True, None, [BUILT]),  # ninja rebuilt what looked current: said after the fact
+    (False, True, "0", [BUILDING, BUILT]),  # torchrun: local rank 0 speaks
+    (False, True, "1", []),  # the other ranks wait for its lock in silence
+])
+def test_who_says_that_the_kernel_builds(tmp_path, monkeypatch, capsys, cached, writes, rank, said):
+    library = tmp_path / "detr_irpe_rpe_cpu_x.so"
+    if cached:
+        library.write_bytes(b"an old build")
+        os.utime(library, (2.0 ** 33, 2.0 ** 33))  # the year 2242: newer than the source and torch's headers
+    monkeypatch.setattr(native, "_compile_flags", lambda: ("x", []))
+    monkeypatch.setattr(native, "cache_folder", lambda tag=None: tmp_path)
+    monkeypatch.setattr(native, "_cpp_extension", lambda: FakeExtensions(library, writes))
+    monkeypatch.delenv("RANK", raising=False)
+    if rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", rank)
+    assert native._build() == "the module"
+    err = capsys.readouterr().err
+    assert [s for s in (BUILDING, BUILT) if s in err] == said, err
+    assert all(err.count(s) == 1 for s in said)
 
 
 def test_switched_off_by_environment(monkeypatch):

@@ -63,7 +63,11 @@ def _plain_to_python_state(d):
 class CheckpointKeeper:
     """Writes ``checkpoint.pth`` (latest), ``checkpoint_epochNNNN.pth`` (the last ``keep_last``) and
     ``checkpoint_best.pth`` (highest AP) into ``output_dir``; with ``safetensors``, also the model's
-    weights (with the config and class names) as a ``.safetensors`` file beside each."""
+    weights (with the config and class names) as a ``.safetensors`` file beside each.
+
+    ``checkpoint_epochNNNN.pth`` is named after the epoch it ends as the log counts it:
+    ``checkpoint_epoch0033.pth`` holds the end of the epoch logged as ``"epoch": 33`` (0-based), and
+    its own ``epoch`` field, the number of finished epochs, is 34."""
 
     def __init__(self, output_dir, keep_last: int = 3, safetensors: bool = False):
         self.output_dir = Path(output_dir)
@@ -81,14 +85,22 @@ class CheckpointKeeper:
     def save(self, state: dict, epoch_end: bool = False, is_best: bool = False) -> Path:
         self._write(state, self.latest)
         if epoch_end and self.keep_last > 0:
-            self._write(state, self.output_dir / f"checkpoint_epoch{state['epoch']:04d}.pth")
-            rolling = sorted(self.output_dir.glob("checkpoint_epoch*.pth"))
+            self._write(state, self.output_dir / f"checkpoint_epoch{state['epoch'] - 1:04d}.pth")
+            numbered = [p for p in self.output_dir.glob("checkpoint_epoch*.pth") if self._epoch_of(p) is not None]
+            rolling = sorted(numbered, key=self._epoch_of)
             for old in rolling[: max(len(rolling) - self.keep_last, 0)]:
                 old.unlink(missing_ok=True)
                 old.with_suffix(".safetensors").unlink(missing_ok=True)
         if is_best:
             self._write(state, self.best)
         return self.latest
+
+    @staticmethod
+    def _epoch_of(path: Path) -> Optional[int]:
+        """The epoch number of a ``checkpoint_epochNNNN.pth`` name (epoch 10000 after 9999), None
+        for another name (a file of the user's, never removed)."""
+        digits = path.stem[len("checkpoint_epoch"):]
+        return int(digits) if digits.isdigit() else None
 
     def _write(self, state: dict, path: Path) -> None:
         atomic_save(state, path)

@@ -1,18 +1,23 @@
 """The fused CPU kernel of the iRPE attention (``csrc/rpe_attention_cpu.cpp``) and its autograd wrapper.
 
-The kernel is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a
-minute, once per machine and torch version; cached under ``$TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``). It needs a C++ compiler and ``ninja``. Where it cannot be built,
-:func:`load` warns once and returns None, and the attention falls back to the pure-PyTorch
-row-chunked kernel (:mod:`.chunked`), which computes the same thing more slowly. Set
-``DETR_IRPE_NATIVE=0`` to skip the build.
+The kernel is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about half
+a minute on 2 cores, once per torch version and CPU; cached under ``$TORCH_EXTENSIONS_DIR``, by
+default ``~/.cache/torch_extensions``). A process that compiles it says so on stderr, before and
+after (the only process, or local rank 0 under ``torchrun``); loading the cached build is silent.
+:func:`build` (``make install`` runs it: ``python -c "from detr_irpe.irpe import native;
+native.build()"``) builds it ahead of time. It needs a C++ compiler and ``ninja``. Where it cannot be built, :func:`load` warns once
+and returns None, and the attention falls back to the pure-PyTorch row-chunked kernel
+(:mod:`.chunked`), which computes the same thing more slowly. Set ``DETR_IRPE_NATIVE=0`` to skip
+the build.
 """
 from __future__ import annotations
 
 import logging
 import os
 import platform
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -23,7 +28,6 @@ from torch import Tensor
 from .chunked import Plan, Term, sum_heads
 from .spec import RPEConfig
 
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "rpe_attention_cpu.cpp"
 ENV_SWITCH = "DETR_IRPE_NATIVE"
@@ -98,21 +102,76 @@ def unavailable_reason() -> Optional[str]:
     return _State.error
 
 
+def _cpp_extension():
+    # importing cpp_extension logs a warning about CUDA_HOME on machines without CUDA
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(level)
+    return cpp_extension
+
+
+def _name(tag: str) -> str:
+    return f"detr_irpe_rpe_cpu_{tag}"
+
+
+def cache_folder(tag: Optional[str] = None) -> Optional[Path]:
+    """The folder the kernel for instruction set ``tag`` (default: this CPU's) is built and cached in
+    (torch's choice: under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``; created if
+    missing), or None where this torch does not say."""
+    try:
+        return Path(_cpp_extension()._get_build_directory(_name(tag or instruction_set()), False))
+    except Exception:  # a torch without the (private) helper: let cpp_extension.load choose
+        return None
+
+
+def _speaks() -> bool:
+    """Whether this process reports a build: the only process, or local rank 0 of a ``torchrun``
+    job (every rank loads the kernel; one of them builds it, the others wait for its lock)."""
+    return os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")).strip() in ("", "0")
+
+
+def _stamp(path: Path) -> Optional[Tuple[int, int, int]]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def _will_compile(library: Path) -> bool:
+    """Whether loading ``library`` compiles it first: it is missing, or older than the kernel
+    source or torch's extension header (a new torch). ninja has the last word (a changed header it
+    tracks); :func:`_build` reports a build it did not foresee after the fact."""
+    built = _stamp(library)
+    if built is None:
+        return True
+    inputs = [SOURCE, Path(torch.__file__).with_name("include") / "torch" / "extension.h"]
+    return any(s is not None and s[0] > built[0] for s in map(_stamp, inputs))
+
+
 def _build():
     try:
         tag, flags = _compile_flags()
-        # importing cpp_extension logs a warning about CUDA_HOME on machines without CUDA
-        cpp_logger = logging.getLogger("torch.utils.cpp_extension")
-        level = cpp_logger.level
-        cpp_logger.setLevel(logging.ERROR)
-        try:
-            from torch.utils import cpp_extension
-        finally:
-            cpp_logger.setLevel(level)
-
-        logger.info("building the fused iRPE CPU kernel (once per machine, about a minute)")
-        return cpp_extension.load(name=f"detr_irpe_rpe_cpu_{tag}", sources=[str(SOURCE)],
-                                  extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        cpp_extension = _cpp_extension()
+        folder = cache_folder(tag)
+        library = folder / (_name(tag) + (".pyd" if os.name == "nt" else ".so")) if folder is not None else None
+        before = _stamp(library) if library is not None else None
+        speaks = _speaks() and library is not None
+        if speaks and _will_compile(library):
+            print(f"detr_irpe: building the iRPE CPU kernel for {tag} in {folder} (once per torch version and "
+                  f"CPU, about half a minute on 2 cores) ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        module = cpp_extension.load(name=_name(tag), sources=[str(SOURCE)], extra_cflags=flags,
+                                    extra_ldflags=["-fopenmp"], verbose=False,
+                                    build_directory=str(folder) if folder is not None else None)
+        if speaks and _stamp(library) != before:
+            print(f"detr_irpe: ... the iRPE CPU kernel built in {time.perf_counter() - start:.0f} s",
+                  file=sys.stderr, flush=True)
+        return module
     except Exception as exc:  # a missing compiler, ninja or BLAS symbol: fall back, do not fail
         message = " ".join(str(exc).split())
         _State.error = f"{type(exc).__name__}: {message[-600:]}"
@@ -121,6 +180,18 @@ def _build():
                       f"The kernel needs a C++ compiler and ninja (pip install ninja); set {ENV_SWITCH}=0 "
                       f"to skip the build.", RuntimeWarning, stacklevel=3)
         return None
+
+
+def build() -> int:
+    """Build (or load the cached build of) the kernel now, ahead of its first use; print the
+    instruction set it is built for and its cache folder. Returns 0, or 1 (with the reason) where
+    it cannot be built: the attention then runs the pure-PyTorch kernel."""
+    if load() is None:
+        print(f"the iRPE CPU kernel is not available ({unavailable_reason()}); the attention uses the "
+              f"pure-PyTorch kernel, which gives the same results more slowly", file=sys.stderr)
+        return 1
+    print(f"iRPE CPU kernel: {instruction_set()} build, cached in {cache_folder()}")
+    return 0
 
 
 def _kernel_terms(plan: Plan, tables) -> List[tuple]:
@@ -212,3 +283,9 @@ def make_plan(tables, get_ids, grid: Tuple[int, int], skip: int, shape: Tuple[in
 def run(plan: Plan, q: Tensor, k: Tensor, v: Tensor, tables) -> Tensor:
     """:class:`FusedRPEAttention` of ``(B, H, L, D)`` q, k, v with the plan's ``tables``."""
     return FusedRPEAttention.apply(plan, q, k, v, *tables)
+
+
+if __name__ == "__main__":  # python -m detr_irpe.irpe.native
+    from detr_irpe.irpe import native  # the package's module (its state), not this __main__ copy
+
+    raise SystemExit(native.build())

@@ -7,6 +7,7 @@ resized to the original image and alpha-blended onto it as a heatmap.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -17,10 +18,11 @@ from torch import Tensor
 
 from ..errors import UsageError
 
-from .boxes import TITLE_HEIGHT, draw_detections, titled_row
+from .boxes import TITLE_HEIGHT, draw_detections, side_by_side, with_title
 from .forward import ForwardResult
 
 Size = Tuple[int, int]
+MAX_WIDTH = 2000  # pixels: a wider picture of panels wraps them into rows
 
 
 def pixel_to_cell(xy: Sequence[float], image_hw: Size, input_hw: Size, padded_hw: Size, feature_hw: Size) -> Tuple[int, int]:
@@ -146,17 +148,43 @@ def decoder_attention_panels(result: ForwardResult, detections: Dict[str, Tensor
     return panels
 
 
+def panel_rows(panels: Sequence[Tensor], titles: Sequence[str], max_width: int = MAX_WIDTH, gap: int = 8,
+               title_height: int = TITLE_HEIGHT) -> Tensor:
+    """Panels with their titles, left to right and then top to bottom, in rows no wider than
+    ``max_width`` (a panel wider than that alone in its row).
+
+    With panels ``W`` wide, ``k = max(1, (max_width + gap) // (W + gap))`` fit in a row; the ``n``
+    panels fill ``rows = ceil(n / k)`` rows of ``ceil(n / rows)`` (the last may be shorter), ``gap``
+    pixels apart both ways. One row is ``(3, title_height + H, n * W + (n - 1) * gap)`` uint8.
+    """
+    if len(panels) != len(titles):
+        raise ValueError(f"got {len(panels)} panels but {len(titles)} titles")
+    titled = [with_title(p, t, title_height) for p, t in zip(panels, titles)]
+    width = max(p.shape[2] for p in titled)
+    rows = math.ceil(len(titled) / max(1, (max_width + gap) // (width + gap)))
+    per_row = math.ceil(len(titled) / rows)
+    strips = [side_by_side(titled[i: i + per_row], gap=gap) for i in range(0, len(titled), per_row)]
+    canvas = torch.full((3, sum(s.shape[1] for s in strips) + gap * (len(strips) - 1),
+                         max(s.shape[2] for s in strips)), 255, dtype=torch.uint8)
+    y = 0
+    for strip in strips:
+        canvas[:, y: y + strip.shape[1], : strip.shape[2]] = strip
+        y += strip.shape[1] + gap
+    return canvas
+
+
 def attention_picture(result: ForwardResult, pixel: Optional[Sequence[float]] = None,
                       encoder_layers: Union[int, Sequence[int]] = -1, decoder_layer: int = -1,
                       threshold: float = 0.7, max_objects: int = 6, names: Optional[Dict[int, str]] = None,
                       alpha: float = 0.5, cmap: str = "jet", interpolation: str = "bilinear", gap: int = 8,
-                      title_height: int = TITLE_HEIGHT) -> Tensor:
+                      title_height: int = TITLE_HEIGHT, max_width: int = MAX_WIDTH) -> Tensor:
     """Encoder attention of ``pixel`` (``(x, y)`` in the original image, default its centre) in each
-    of ``encoder_layers``,
-    then the decoder attention of up to ``max_objects`` detections scoring ``>= threshold``.
+    of ``encoder_layers``, then the decoder attention of up to ``max_objects`` detections scoring
+    ``>= threshold``.
 
-    Every panel has the image's size ``(H, W)``; the picture is ``(3, title_height + H,
-    n * W + (n - 1) * gap)`` uint8 for ``n`` panels.
+    Every panel has the image's size ``(H, W)``; they go side by side in rows no wider than
+    ``max_width`` pixels (:func:`panel_rows`: six 640-pixel panels make two rows of three). One row
+    of ``n`` panels is ``(3, title_height + H, n * W + (n - 1) * gap)`` uint8.
     """
     if result.attention is None:
         raise ValueError("run the model with return_attention=True to draw attention maps")
@@ -166,4 +194,4 @@ def attention_picture(result: ForwardResult, pixel: Optional[Sequence[float]] = 
     panels = [encoder_attention_panel(result, pixel, l, alpha, cmap, interpolation) for l in layers]
     detections = result.detections(threshold, max_objects)
     panels += decoder_attention_panels(result, detections, names, decoder_layer, alpha, cmap, interpolation)
-    return titled_row([p for p, _ in panels], [t for _, t in panels], gap=gap, title_height=title_height)
+    return panel_rows([p for p, _ in panels], [t for _, t in panels], max_width, gap=gap, title_height=title_height)
