@@ -9,6 +9,7 @@ import torch
 
 from detr_irpe.engine.checkpoint import (CheckpointError, load_checkpoint_file, load_for_finetuning,
                                          load_model_weights, state_dict_from_checkpoint)
+from detr_irpe.interop.hf_weights import check_fits
 from detr_irpe.models import build_detr
 from helpers import TINY
 
@@ -166,6 +167,33 @@ def test_strict_loading_lists_what_differs():
     assert "class_embed.weight: model expects [5, 32], checkpoint has [8, 32]" in message
     assert "class_embed.bias: model expects [5], checkpoint has [8]" in message
     assert "load_for_finetuning" in message
+
+
+def test_checkpoints_and_hugging_face_weights_list_what_differs_in_the_same_words():
+    sd = tiny_model(num_classes=7).state_dict()
+    sd.pop("query_embed.weight")
+    sd["extra.weight"] = torch.zeros(1)
+    sd["backbone.0.body.stage0.bn.num_batches_tracked"] = torch.tensor(3)  # a batch-norm counter is no difference
+    model = tiny_model()
+    with pytest.raises(CheckpointError) as loading:
+        load_model_weights(model, sd)
+    with pytest.raises(CheckpointError) as hugging_face:
+        check_fits(sd, {k: tuple(v.shape) for k, v in model.state_dict().items()}, "folder")
+    lists = [str(e.value).split("\n", 1)[1].split("\n  hint:")[0] for e in (loading, hugging_face)]
+    assert lists[0] == lists[1] == (
+        "  missing from the checkpoint (1):\n    query_embed.weight"
+        "\n  unexpected in the checkpoint (not in the model) (1):\n    extra.weight"
+        "\n  shape mismatches (2):\n    class_embed.bias: model expects [5], checkpoint has [8]"
+        "\n    class_embed.weight: model expects [5, 32], checkpoint has [8, 32]")
+
+
+def test_long_lists_of_keys_show_twenty_and_count_the_rest():
+    model = tiny_model()
+    with pytest.raises(CheckpointError) as info:
+        load_model_weights(model, {})
+    keys = len(model.state_dict())
+    assert f"missing from the checkpoint ({keys}):" in str(info.value)
+    assert str(info.value).count("\n    ") == 20 + 1 and f"... and {keys - 20} more" in str(info.value)
 
 
 def test_mismatch_hints_say_what_to_type_on_the_command_line():

@@ -13,12 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from PIL import Image
 from safetensors.torch import save_file
-from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+from transformers import AutoImageProcessor, DetrConfig, DetrForObjectDetection, ResNetConfig
 
-from helpers import COCO, tiny_overrides, tool
+from helpers import COCO, run_tool, tiny_overrides, tool
+from detr_irpe import Detector
 from detr_irpe.config import DataConfig, load_config
-from detr_irpe.data import CocoDetection, collate_fn, make_eval_transforms
+from detr_irpe.data import IMAGENET_MEAN, IMAGENET_STD, CocoDetection, collate_fn, make_eval_transforms
+from detr_irpe.data.images import read_rgb
 from detr_irpe.engine.checkpoint import load_checkpoint_file, state_dict_from_checkpoint
 from detr_irpe.engine.convert import convert_checkpoint
 from detr_irpe.engine.inference import load_detector
@@ -229,16 +233,16 @@ def test_an_extra_missing_or_misshapen_key_is_named(hf, kind):
     message = refused(dict(state, **{"model.encoder.layers.0.adapter.weight": torch.zeros(2)}))
     assert re.search(r"correspond to nothing.*\n\s+model\.encoder\.layers\.0\.adapter\.weight", message)
     message = refused({k: v for k, v in state.items() if k != "model.decoder.layernorm.weight"})
-    assert re.search(r"missing from the weights \(1\):\n\s+transformer\.decoder\.norm\.weight\Z", message)
+    assert re.search(r"missing from the checkpoint \(1\):\n\s+transformer\.decoder\.norm\.weight\Z", message)
     message = refused({k: v for k, v in state.items() if k != "model.encoder.layers.1.self_attn.v_proj.bias"})
     assert re.search(r"q_proj, k_proj, v_proj of one shape \(1\):\n\s+transformer\.encoder\.layers\.1\.self_attn"
                      r"\.in_proj_bias: has only model\.encoder\.layers\.1\.self_attn\.q_proj\.bias, ", message)
     message = refused(state, dict(config, encoder_layers=1))  # the weights have a second encoder layer
-    assert re.search(r"not in the model \(\d+\):\n\s+transformer\.encoder\.layers\.1\..* \(from model\.encoder\."
-                     r"layers\.1\.", message)
+    assert re.search(r"unexpected in the checkpoint \(not in the model\) \(\d+\):\n\s+transformer\.encoder\.layers\.1\."
+                     r".* \(from model\.encoder\.layers\.1\.", message)
     message = refused(dict(state, **{"model.query_position_embeddings.weight": torch.zeros(5, 48)}))
-    assert "query_embed.weight (from model.query_position_embeddings.weight): the model has [5, 32], " \
-           "the weights [5, 48]" in message
+    assert "query_embed.weight (from model.query_position_embeddings.weight): model expects [5, 32], " \
+           "checkpoint has [5, 48]" in message
 
 
 @pytest.mark.parametrize("change, message", [
@@ -304,16 +308,17 @@ def test_written_folder_loads_in_transformers_with_every_tensor_and_the_same_out
     assert diff < ATOL
 
 
-def our_checkpoint(path, rpe=None, backbone="resnet18", seed=5):
+def our_checkpoint(path, rpe=None, backbone="resnet18", seed=5, categories=None, overrides=()):
     """A checkpoint of our trainer's format, with random batch-norm statistics."""
     cfg = load_config(None, [f"model.backbone={backbone}", "model.backbone_weights=none", "model.hidden_dim=32",
                              "model.nheads=2", "model.enc_layers=1", "model.dec_layers=2",
                              "model.dim_feedforward=64", "model.num_queries=4", "model.num_classes=5",
-                             "model.position_embedding=learned", f"model.rpe={rpe}"])
+                             "model.position_embedding=learned", f"model.rpe={rpe}", *overrides])
     torch.manual_seed(seed)
     model, _, _ = build_detr(cfg.model)
     randomise_(model, seed)
-    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "categories": {1: "person", 3: "car"}}, path)
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(),
+                "categories": categories or {1: "person", 3: "car"}}, path)
     return model.eval()
 
 
@@ -345,29 +350,108 @@ def test_irpe_and_tiny_models_are_refused_for_transformers(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: cannot write this model as a Hugging Face")
 
 
+# -- the transformers pipeline ----------------------------------------------------------------
+
+EVAL_SIZE, MAX_SIZE = 320, 480
+# val images whose resized size transformers computes as we do (the size test shows where it does not)
+PIPELINE_IMAGES = ["000000223747.jpg", "000000343937.jpg", "000000521601.jpg"]
+NAMES = {0: "cat", 1: "person", 2: "bicycle", 3: "car", 4: "dog"}  # every class named: names compare as they are
+# Measured on PIPELINE_IMAGES: scores differ by at most 5e-7 (the input tensors by 5e-7, float rounding);
+# boxes by up to 0.99 px, because the pipeline truncates box corners to whole pixels.
+SCORE_TOL, BOX_TOL = 1e-5, 1.0
+CORNERS = ("xmin", "ymin", "xmax", "ymax")
+
+
+@pytest.fixture(scope="module")
+def pipeline_checkpoint(tmp_path_factory):
+    """Our checkpoint (evaluation size 320, at most 480) and the folder ``convert_checkpoint --to hf`` makes of it."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    our_checkpoint(tmp / "ours.pth", categories=NAMES,
+                   overrides=[f"data.eval_size={EVAL_SIZE}", f"data.max_size={MAX_SIZE}"])
+    return tmp / "ours.pth", convert_checkpoint(tmp / "ours.pth", tmp / "hf", to="hf")
+
+
+def test_written_folder_prepares_images_as_our_evaluation(pipeline_checkpoint):
+    """transformers' image processor, read from preprocessor_config.json, gives our evaluation input
+    (to float rounding) whenever it resizes to the size we resize to; its rounding of that size differs
+    from ours by at most one pixel (it rounds the short side where ours truncates)."""
+    processor = AutoImageProcessor.from_pretrained(pipeline_checkpoint[1])
+    assert type(processor).__name__ == "DetrImageProcessor"
+    assert tuple(processor.image_mean) == IMAGENET_MEAN and tuple(processor.image_std) == IMAGENET_STD
+    ours = make_eval_transforms(DataConfig(eval_size=EVAL_SIZE, max_size=MAX_SIZE))
+    sizes = {}
+    for path in sorted((COCO / "val2017").glob("*.jpg")):
+        mine = ours(read_rgb(path))
+        theirs = processor(images=Image.open(path).convert("RGB"), return_tensors="pt")
+        assert theirs["pixel_mask"].all()  # one image: no padding
+        pixels = theirs["pixel_values"][0]
+        sizes[path.name] = (tuple(mine.shape[-2:]), tuple(pixels.shape[-2:]))
+        if mine.shape == pixels.shape:
+            assert float((mine - pixels).abs().max()) < 1e-5, path.name
+    print("sizes (ours, transformers') that differ:", {k: v for k, v in sizes.items() if v[0] != v[1]})
+    assert all(abs(a - b) <= 1 for mine, theirs in sizes.values() for a, b in zip(mine, theirs)), sizes
+    assert all(sizes[name][0] == sizes[name][1] for name in PIPELINE_IMAGES)
+
+
+def test_written_folder_detects_in_the_transformers_pipeline_as_our_detector(pipeline_checkpoint):
+    checkpoint, folder = pipeline_checkpoint
+    config = read_hf_config(folder)
+    assert config["id2label"] == {str(i): name for i, name in NAMES.items()}
+    assert config["label2id"] == {name: i for i, name in NAMES.items()}
+    detect = transformers.pipeline("object-detection", model=str(folder), threshold=0.0)
+    detector = Detector.from_checkpoint(checkpoint, device="cpu")
+    worst = [0.0, 0.0]
+    for name in PIPELINE_IMAGES:
+        path = str(COCO / "val2017" / name)
+        ours, theirs = detector.predict(path, threshold=0.0)[0], detect(path)
+        assert len(ours) == len(theirs) == 4  # every query
+        for found in ours:  # the same detection, wherever the pipeline lists it (it keeps query order)
+            same = [t for t in theirs if t["label"] == found["name"]
+                    and abs(t["score"] - found["score"]) <= SCORE_TOL
+                    and max(abs(t["box"][c] - v) for c, v in zip(CORNERS, found["box"])) <= BOX_TOL]
+            assert same, (name, found, theirs)
+            worst[0] = max(worst[0], abs(same[0]["score"] - found["score"]))
+            worst[1] = max(worst[1], max(abs(same[0]["box"][c] - v) for c, v in zip(CORNERS, found["box"])))
+    print(f"pipeline vs Detector on {len(PIPELINE_IMAGES)} images: max |score diff| {worst[0]:.1e}, "
+          f"max |box diff| {worst[1]:.2f} px")
+
+
+def test_a_written_folder_read_back_keeps_our_resize(pipeline_checkpoint):
+    checkpoint, folder = pipeline_checkpoint
+    ours = torch.load(checkpoint, weights_only=True)["config"]["data"]
+    back = load_checkpoint_file(folder)["config"]["data"]  # from its preprocessor_config.json
+    assert (back["eval_size"], back["max_size"]) == (ours["eval_size"], ours["max_size"]) != (800, 1333)
+
+
 # -- hub ids ---------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """HF_HUB_OFFLINE=1 with an empty cache, and any network connection an error."""
+    """HF_HUB_OFFLINE=1 with an empty cache; yields the list of network connections tried (refused)."""
     import huggingface_hub.constants as hub
 
+    attempts = []
+
     def no_network(*args, **kwargs):
-        raise AssertionError("a test tried to reach the network")
+        attempts.append(args)
+        raise ConnectionRefusedError("a test tried to reach the network")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
+    return attempts
 
 
-def test_hub_id_offline_gives_a_clear_error(offline):
+def test_hub_id_offline_reads_only_the_cache_and_says_what_to_do(offline, tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint_file("facebook/detr-resnet-50")
     message = str(e.value)
-    assert "'facebook/detr-resnet-50' is not a local file or folder" in message
+    assert offline == []  # no connection tried
+    assert "'facebook/detr-resnet-50' is not a local file or folder, and HF_HUB_OFFLINE=1 is set" in message
+    assert f"only the Hugging Face cache ({tmp_path / 'hub-cache'}) was read" in message
     assert "hf download facebook/detr-resnet-50 config.json model.safetensors --local-dir DIR" in message
     assert "pass the path of that folder" in message
 
@@ -378,17 +462,96 @@ def test_hub_id_resolves_through_the_hugging_face_cache(hf, monkeypatch, offline
 
     fetched = []
 
-    def from_cache(repo_id, filename, revision=None, **kwargs):
-        fetched.append((repo_id, filename, revision))
+    def from_cache(repo_id, filename, revision=None, local_files_only=False, **kwargs):
+        fetched.append((repo_id, filename, revision, local_files_only))
         return str(folder / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", from_cache)
     got = load_checkpoint_file("someone/detr-small@v1")
-    assert fetched == [("someone/detr-small", "config.json", "v1"), ("someone/detr-small", "model.safetensors", "v1")]
+    assert fetched == [("someone/detr-small", "config.json", "v1", True),
+                       ("someone/detr-small", "model.safetensors", "v1", True)]
     reference = load_checkpoint_file(folder)
     assert got["model"].keys() == reference["model"].keys()
     assert all(torch.equal(got["model"][k], v) for k, v in reference["model"].items())
     assert got["config"] == reference["config"] and got["categories"] == LABELS
+    assert offline == []
+
+
+# Runs in a fresh interpreter: huggingface_hub reads HF_ENDPOINT, HF_HOME and its timeouts when imported.
+COUNT_CONNECTIONS = """
+import socket, sys
+port, attempts, connect = int(sys.argv[1]), [], socket.socket.connect
+
+def counted(sock, address):
+    if isinstance(address, tuple) and address[1] == port:
+        attempts.append(address)
+    return connect(sock, address)
+
+socket.socket.connect = counted
+from detr_irpe.engine.checkpoint import load_checkpoint_file
+from detr_irpe.errors import CheckpointError
+try:
+    load_checkpoint_file("someone/detr-small")
+except CheckpointError as e:
+    print(len(attempts))
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("server", ["refuses connections", "never answers"])
+def test_an_unreachable_hub_is_asked_once_then_only_the_cache_is_read(server, tmp_path):
+    """huggingface_hub alone tries 7 connections, the last five 1, 2, 4, 8 and 8 s apart, before it reads
+    the cache (23 s for refused connections); here the hub is asked once. (HF_HUB_DISABLE_TELEMETRY=1 leaves out
+    a request of huggingface_hub's own: its user-agent string fetches a registry of AI agents once.)"""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    if server == "refuses connections":
+        listener.close()  # nothing listens on the port any more
+    else:
+        listener.listen(8)  # the kernel completes connections; nobody ever accepts or answers them
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0",
+           "TRANSFORMERS_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    try:
+        attempts, message = run_tool(["-c", COUNT_CONNECTIONS], port, extra_env=env).stdout.split("\n", 1)
+    finally:
+        listener.close()
+    assert int(attempts) == 1
+    assert f"'someone/detr-small' is not a local file or folder, and the hub at http://127.0.0.1:{port} cannot " \
+           f"be reached" in message
+    assert f"only the Hugging Face cache ({tmp_path / 'hf-home' / 'hub'}) was read" in message
+    assert "HF_HUB_OFFLINE=1 reads them from the cache" in message and "pass the path of that folder" in message
+
+
+WITHOUT_HF_LIBRARIES = """
+import json, sys
+LIBRARIES = ("transformers", "timm", "huggingface_hub")
+import detr_irpe.engine.checkpoint, detr_irpe.engine.convert, detr_irpe.interop
+print(json.dumps([name for name in LIBRARIES if name in sys.modules]))
+for name in LIBRARIES:
+    sys.modules[name] = None  # from here on, as if not installed
+from detr_irpe.engine.checkpoint import load_checkpoint_file
+from detr_irpe.engine.convert import convert_checkpoint
+from detr_irpe.optional import MissingExtraError
+for attempt in (lambda: load_checkpoint_file("facebook/detr-resnet-50"),
+                lambda: convert_checkpoint(sys.argv[1], sys.argv[2], "hf")):
+    try:
+        attempt()
+        print(json.dumps("no error"))
+    except MissingExtraError as e:
+        print(json.dumps(str(e)))
+"""
+
+
+def test_without_the_hf_libraries_nothing_loads_them_and_what_needs_them_names_the_extra(tmp_path):
+    our_checkpoint(tmp_path / "ours.pth")
+    out = run_tool(["-c", WITHOUT_HF_LIBRARIES], tmp_path / "ours.pth", tmp_path / "hf").stdout
+    loaded, hub_id, to_hf = [json.loads(line) for line in out.splitlines()]
+    assert loaded == []  # importing the checkpoint readers and writers loads none of them
+    assert hub_id.startswith("the Hugging Face hub id 'facebook/detr-resnet-50' needs huggingface_hub")
+    assert to_hf.startswith("writing a Hugging Face transformers folder (--to hf) needs transformers")
+    assert all(message.endswith('pip install "detr_irpe[hf]"') for message in (hub_id, to_hf))
+    assert not (tmp_path / "hf").exists()
 
 
 # -- fine-tuning -----------------------------------------------------------------------------

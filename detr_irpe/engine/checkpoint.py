@@ -23,12 +23,12 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, CheckpointNotFoundError
 from .diagnose import SAFE_CLASSES, diagnose
 from ..interop import (checkpoint_from_hf, download_from_hub, hf_weights_file, is_hf_folder, is_hub_id,
-                       load_safetensors, read_hf_config, read_safetensors_weights)
+                       load_safetensors, read_hf_config, read_processor_size, read_safetensors_weights)
+from ..models.state_dict import StateDictDiff, compare_state_dict, describe
 
 # Heads whose shape depends on the dataset or the number of queries; fine-tuning may re-initialise them.
 FINETUNE_HEADS = ("class_embed", "query_embed", "group_query_embed")
 EXTRA_GROUPS = "group_query_embed."  # Group DETR's training-only query groups
-_LISTED = 20  # keys listed per category in error messages
 
 
 @dataclass
@@ -114,7 +114,7 @@ def _load_hf(folder: Path, source: str, map_location) -> dict:
         state = read_safetensors_weights(weights, device=str(map_location))
     else:
         state = state_dict_from_checkpoint(_torch_load(weights, map_location))
-    return checkpoint_from_hf(state, read_hf_config(folder), source=source)
+    return checkpoint_from_hf(state, read_hf_config(folder), source=source, image_size=read_processor_size(folder))
 
 
 def _torch_load(path: Path, map_location) -> dict:
@@ -168,15 +168,10 @@ def state_dict_from_checkpoint(obj: Mapping) -> Dict[str, Tensor]:
 
 
 def _compare(model: nn.Module, state_dict: Mapping[str, Tensor]) -> Tuple[List[str], List[str], List[tuple]]:
-    """Model keys missing from ``state_dict``, unexpected keys, and ``(key, model shape, ckpt shape)``."""
-    expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in state_dict)
-    # FrozenBatchNorm2d drops BN's num_batches_tracked when loading; it is not a mismatch.
-    unexpected = sorted(k for k in state_dict if k not in expected and not (
-        k.endswith(".num_batches_tracked") and k[: -len("num_batches_tracked")] + "running_mean" in expected))
-    mismatched = [(k, tuple(expected[k].shape), tuple(v.shape)) for k, v in state_dict.items()
-                  if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    return missing, unexpected, sorted(mismatched)
+    """Model keys missing from ``state_dict``, unexpected keys, and ``(key, model shape, ckpt shape)``
+    (:func:`~detr_irpe.models.state_dict.compare_state_dict`)."""
+    diff = compare_state_dict(model.state_dict(), state_dict)
+    return diff.missing, diff.unexpected, diff.mismatched
 
 
 def _what(action: str, source: Optional[str]) -> str:
@@ -187,20 +182,10 @@ def _is_head(key: str) -> bool:
     return key.split(".")[0] in FINETUNE_HEADS
 
 
-def _listing(title: str, items: List[str]) -> str:
-    more = f"\n    ... and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
-    return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:_LISTED]) + more
-
-
 def _mismatch_error(missing: List[str], unexpected: List[str], mismatched: List[tuple], what: str) -> CheckpointError:
+    """The error for keys that do not fit, with hints on the command-line options that fix common cases."""
     msg = f"{what}: the checkpoint does not fit this model (was it trained with another configuration?)"
-    if missing:
-        msg += _listing("missing from the checkpoint", missing)
-    if unexpected:
-        msg += _listing("unexpected in the checkpoint (not in the model)", unexpected)
-    if mismatched:
-        msg += _listing("shape mismatches", [f"{k}: model expects {list(m)}, checkpoint has {list(c)}"
-                                             for k, m, c in mismatched])
+    msg += describe(StateDictDiff(missing, unexpected, mismatched))
     hints = []
     if any("lookup_table" in k for k in unexpected):
         hints.append("the checkpoint has iRPE tables: build the model with the matching rpe spec "
@@ -224,9 +209,10 @@ def check_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], sour
     Raises:
         CheckpointError: listing every missing / unexpected key and every shape mismatch.
     """
-    missing, unexpected, mismatched = _compare(model, state_dict)
-    if missing or unexpected or mismatched:
-        raise _mismatch_error(missing, unexpected, mismatched, _what("the weights do not fit the model", source))
+    diff = compare_state_dict(model.state_dict(), state_dict)
+    if diff:
+        raise _mismatch_error(diff.missing, diff.unexpected, diff.mismatched,
+                              _what("the weights do not fit the model", source))
 
 
 def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True,

@@ -67,7 +67,7 @@ def convert_checkpoint(src: Union[str, os.PathLike], out: Union[str, os.PathLike
     state = {k: state[k] for k in model.state_dict()}  # leaves out only batch norm counters no model uses
     categories = {int(k): str(v) for k, v in (ckpt.get("categories") or {}).items()}
     if to == "hf":
-        return save_hf_folder(out, state, cfg.model, categories, backbone_layout=hf_backbone)
+        return save_hf_folder(out, state, cfg.model, categories, backbone_layout=hf_backbone, data_config=cfg.data)
     if to == "safetensors":
         return save_safetensors(out, state, cfg.to_dict(), categories)
     atomic_save({"model": state, "config": cfg.to_dict(), "categories": categories}, out)

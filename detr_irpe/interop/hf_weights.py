@@ -28,10 +28,10 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..models import build_detr
+from ..models.state_dict import compare_state_dict, describe, listing
 
 HF_BACKBONE = "model.backbone.conv_encoder.model."
 OUR_BACKBONE = "backbone.0.body."
-_LISTED = 20  # keys listed per kind in error messages
 
 Rules = Sequence[Tuple[str, str]]  # (source prefix, target prefix); "{n}" stands for a layer index
 
@@ -106,11 +106,6 @@ def _swap(rules: Rules) -> Rules:
     return [(dst, src) for src, dst in rules]
 
 
-def _listing(title: str, items: Sequence[str]) -> str:
-    more = f"\n    ... and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
-    return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:_LISTED]) + more
-
-
 def hub_layout(state: Mapping[str, Tensor], source: str = "checkpoint") -> Dict[str, Tensor]:
     """``state`` with its keys in the hub's layout, backbone ``num_batches_tracked`` counters dropped."""
     out: Dict[str, Tensor] = {}
@@ -130,7 +125,7 @@ def hub_layout(state: Mapping[str, Tensor], source: str = "checkpoint") -> Dict[
         out[new] = value
     if clashes:
         raise CheckpointError(f"{source}: the weights hold some tensors twice, under the names of two "
-                              f"transformers versions:" + _listing("keys given twice", sorted(clashes)))
+                              f"transformers versions:" + listing("keys given twice", sorted(clashes)))
     return out
 
 
@@ -178,9 +173,9 @@ def hf_to_ours(state: Mapping[str, Tensor], backbone_layout: str,
         msg = f"{source}: these weights are not those of a transformers DetrForObjectDetection with a " \
               f"{backbone_layout} ResNet backbone"
         if unmapped:
-            msg += _listing("keys that correspond to nothing in this project's DETR", sorted(unmapped))
+            msg += listing("keys that correspond to nothing in this project's DETR", sorted(unmapped))
         if incomplete:
-            msg += _listing("attentions without all of q_proj, k_proj, v_proj of one shape", incomplete)
+            msg += listing("attentions without all of q_proj, k_proj, v_proj of one shape", incomplete)
         raise CheckpointError(msg)
     return out, origin
 
@@ -222,7 +217,7 @@ def ours_to_hf(state: Mapping[str, Tensor], backbone_layout: str, source: str = 
             out[position_prefix + hf[len(POSITION_5):] if hf.startswith(POSITION_5) else hf] = value
     if unmapped:
         raise CheckpointError(f"{source}: these tensors have no place in a transformers DETR with a {backbone_layout} "
-                              f"ResNet backbone:" + _listing("keys", sorted(unmapped)))
+                              f"ResNet backbone:" + listing("keys", sorted(unmapped)))
     return out
 
 
@@ -235,20 +230,12 @@ def our_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
 
 def check_fits(state: Mapping[str, Tensor], expected: Mapping[str, Tuple[int, ...]], source: str,
                origin: Optional[Mapping[str, str]] = None) -> None:
-    """Raise a :class:`CheckpointError` unless ``state`` has exactly the keys and shapes ``expected``.
+    """Raise a :class:`CheckpointError` unless ``state`` has exactly the keys and shapes ``expected``
+    (:func:`~detr_irpe.models.state_dict.compare_state_dict`; a batch-norm counter is no difference).
 
     ``origin`` maps our keys to the keys of the file they were read from, quoted in the message.
     """
-    origin = origin or {}
-    named = lambda k: f"{k} (from {origin[k]})" if k in origin else k  # noqa: E731
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(named(k) for k in state if k not in expected)
-    mismatched = sorted(f"{named(k)}: the model has {list(expected[k])}, the weights {list(v.shape)}"
-                        for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k]))
-    if missing or unexpected or mismatched:
-        msg = f"{source}: the weights do not fit the model its config describes"
-        for title, items in (("missing from the weights", missing), ("not in the model", unexpected),
-                             ("shape mismatches", mismatched)):
-            if items:
-                msg += _listing(title, items)
-        raise CheckpointError(msg)
+    diff = compare_state_dict(expected, state)
+    if diff:
+        raise CheckpointError(f"{source}: the weights do not fit the model its config describes"
+                              + describe(diff, origin))
