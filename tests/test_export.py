@@ -6,19 +6,23 @@ per-head tables, random tables), and a plain tiny DETR written to a checkpoint a
 ``tools/export.py``. Both are checked on padded batches of sizes not used at export.
 """
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from detr_irpe import Detector
+from detr_irpe.apps.predict import SkippedImageWarning, predict_onnx, predict_path
 from detr_irpe.config import Config
 from detr_irpe.data.transforms import model_input_transform
 from detr_irpe.engine.inference import LoadedDetector, load_detector
-from detr_irpe.errors import UsageError
+from detr_irpe.errors import InputNotFoundError, UsageError
 from detr_irpe.export import (
-    ExportMismatchError, OnnxDetector, Preprocessing, export_checkpoint, onnx_session, run_onnx, save_onnx,
+    ExportMismatchError, OnnxDetector, Preprocessing, UnsupportedImageError, export_checkpoint, onnx_session,
+    run_onnx, save_onnx, sidecar_path,
 )
 from detr_irpe.export.exporter import check_options, _check
 from detr_irpe.export.program import sample_inputs
@@ -98,7 +102,7 @@ def test_torch_export_program_runs_a_new_size_after_loading(mixed):
 
 
 def test_sidecar_holds_what_preprocessing_and_decoding_need(plain, mixed):
-    info = json.loads(plain[2].with_suffix(".json").read_text())
+    info = json.loads(sidecar_path(plain[2]).read_text())
     assert (info["format"], info["model_file"], info["opset"]) == ("onnx", "plain.onnx", 20)
     assert info["categories"] == {str(k): v for k, v in CATEGORIES.items()}
     assert info["preprocess"]["eval_size"] == 96 and info["preprocess"]["max_size"] == 160
@@ -153,10 +157,117 @@ def test_predict_with_a_truncated_onnx_model_says_so(plain, tmp_path, capsys):
     onnx_path = plain[2]
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(onnx_path.read_bytes()[:5000])
-    cut.with_suffix(".json").write_text(onnx_path.with_suffix(".json").read_text())
+    sidecar_path(cut).write_text(sidecar_path(onnx_path).read_text())
     code = tool("predict").main(["--onnx", str(cut), str(COCO / "val2017"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: ONNX Runtime cannot load") and "Traceback" not in err
+
+
+def assert_same_records(got, want):
+    """Per image, the records of Detector.predict / OnnxDetector.predict / detections.json agree."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert [(d["label"], d["name"]) for d in g] == [(d["label"], d["name"]) for d in w]
+        np.testing.assert_allclose([d["score"] for d in g], [d["score"] for d in w], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(np.reshape([d["box"] for d in g], (-1, 4)),
+                                   np.reshape([d["box"] for d in w], (-1, 4)), rtol=0, atol=1e-2)
+
+
+def test_onnx_detector_predict_takes_what_detector_predict_takes_and_gives_the_same_records(plain):
+    loaded, _, onnx_path = plain
+    paths = sorted((COCO / "val2017").glob("*.jpg"))[:3]
+    forms = [str(paths[0]), Image.open(paths[1]), torch.from_numpy(np.asarray(Image.open(paths[2])).copy())]
+    want = Detector(loaded).predict(forms, threshold=0.0, batch_size=2)
+    got = OnnxDetector(onnx_path).predict(forms, threshold=0.0, batch_size=2)
+    assert all(len(found) == TINY["num_queries"] for found in want)  # threshold 0: every query compared
+    assert {d["name"] for found in got for d in found} <= set(CATEGORIES.values())
+    assert_same_records(got, want)
+    float_image = forms[2].permute(2, 0, 1).float() / 255  # (3, H, W) in [0, 1]; one image, not a list
+    assert_same_records(OnnxDetector(onnx_path).predict(float_image, threshold=0.0),
+                        Detector(loaded).predict(float_image, threshold=0.0))
+
+
+def extreme_images(folder):
+    """A 2000 x 40 and a 40 x 2000 (width x height) image: resized to 3 x 160 and 160 x 3 pixels, below
+    the 17 pixels the plain export takes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(0)
+    paths = []
+    for name, (width, height) in (("wide.png", (2000, 40)), ("tall.png", (40, 2000))):
+        Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def test_predict_with_onnx_skips_an_image_of_extreme_aspect_ratio_by_name_and_goes_on(plain, tmp_path):
+    _, checkpoint, onnx_path = plain
+    photos = tmp_path / "photos"
+    wide, tall = extreme_images(photos)
+    shutil.copy(sorted((COCO / "val2017").glob("*.jpg"))[0], photos / "coco.jpg")
+    with pytest.warns(SkippedImageWarning) as caught:
+        got = predict_onnx(onnx_path, photos, tmp_path / "onnx", threshold=0.0, batch_size=2)
+    want = predict_path(str(checkpoint), photos, tmp_path / "torch", threshold=0.0, device="cpu", batch_size=2)
+    assert [r["file"] for r in got] == [r["file"] for r in want] == [str(photos / "coco.jpg"), str(tall), str(wide)]
+    skipped = [str(w.message) for w in caught if issubclass(w.category, SkippedImageWarning)]
+    assert len(skipped) == 2 and str(tall) in skipped[0] and str(wide) in skipped[1]
+    assert all("takes sides from 17" in message and "--checkpoint" in message for message in skipped)
+    assert json.loads((tmp_path / "onnx" / "detections.json").read_text()) == got  # the run completed
+    assert str(wide) in got[2]["error"] and got[2]["detections"] == [] and "picture" not in got[2]
+    assert (got[1]["height"], got[1]["width"]) == (2000, 40)
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["coco.png", "detections.json"]
+    assert all(len(r["detections"]) == TINY["num_queries"] for r in want)  # PyTorch takes every size
+    assert_same_records([got[0]["detections"]], [want[0]["detections"]])
+
+
+def test_onnx_detector_names_the_image_it_cannot_take(plain, tmp_path):
+    onnx = OnnxDetector(plain[2])
+    wide, _ = extreme_images(tmp_path)
+    with pytest.raises(UnsupportedImageError, match=f"{wide}: .*3 x 160 pixels.*takes sides from 17"):
+        onnx.predict([str(COCO / "val2017" / "000000404484.jpg"), str(wide)])
+    with pytest.raises(UnsupportedImageError, match="image 1: "):
+        onnx.detect([torch.zeros(3, 50, 60, dtype=torch.uint8), torch.zeros(3, 40, 2000, dtype=torch.uint8)])
+    assert onnx.image_problem(torch.zeros(3, 480, 640, dtype=torch.uint8)) is None
+
+
+def test_an_image_above_the_largest_side_of_a_learned_position_embedding_is_refused(plain, tmp_path):
+    """The plain export takes sides up to 800 (50 cells of stride 16); a sidecar whose resize keeps larger
+    images (max_size 1000) lets one through, which the runner refuses by its size."""
+    info = json.loads(sidecar_path(plain[2]).read_text())
+    info["preprocess"].update(eval_size=700, max_size=1000)
+    sidecar = tmp_path / "big.json"
+    sidecar.write_text(json.dumps(info))
+    onnx = OnnxDetector(plain[2], sidecar=sidecar)
+    problem = onnx.image_problem(torch.zeros(3, 700, 1000, dtype=torch.uint8))  # kept at 700 x 1000
+    assert problem is not None and "700 x 1000 pixels" in problem and "from 17 to 800" in problem
+    assert onnx.image_problem(torch.zeros(3, 900, 1000, dtype=torch.uint8)) is None  # resized to 700 x 777
+
+
+def test_two_exports_in_one_folder_keep_a_sidecar_each(plain, tmp_path):
+    _, checkpoint, onnx_path = plain
+    shutil.copy(onnx_path, tmp_path / "model.onnx")
+    shutil.copy(sidecar_path(onnx_path), tmp_path / "model.onnx.json")
+    before = (tmp_path / "model.onnx.json").read_bytes()
+    result = export_checkpoint(str(checkpoint), tmp_path / "model.pt2", fmt="torch-export")
+    assert result.sidecar_path == tmp_path / "model.pt2.json"
+    assert json.loads(result.sidecar_path.read_text())["model_file"] == "model.pt2"
+    assert (tmp_path / "model.onnx.json").read_bytes() == before
+    assert not (tmp_path / "model.json").exists()
+    assert OnnxDetector(tmp_path / "model.onnx").info["format"] == "onnx"
+
+
+def test_an_export_made_before_sidecars_were_named_after_the_model_still_loads(plain, tmp_path):
+    onnx_path = plain[2]
+    info = json.loads(sidecar_path(onnx_path).read_text())
+    shutil.copy(onnx_path, tmp_path / "old.onnx")
+    (tmp_path / "old.json").write_text(json.dumps({**info, "model_file": "old.onnx"}))  # the former name
+    onnx = OnnxDetector(tmp_path / "old.onnx")
+    assert onnx.categories == CATEGORIES
+    image = torch.randint(0, 256, (3, 70, 131), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    assert_same_records(onnx.predict(image, threshold=0.0), OnnxDetector(onnx_path).predict(image, threshold=0.0))
+    shutil.copy(onnx_path, tmp_path / "other.onnx")
+    (tmp_path / "other.json").write_text(json.dumps({**info, "model_file": "another.onnx"}))
+    with pytest.raises(InputNotFoundError, match="other.onnx.json.*describes another model file"):
+        OnnxDetector(tmp_path / "other.onnx")
 
 
 def test_onnx_detector_gives_an_image_the_same_detections_whatever_it_is_batched_with(plain):

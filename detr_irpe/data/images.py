@@ -23,13 +23,13 @@ EXIF orientation, decided once:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import InputNotFoundError
+from ..errors import InputNotFoundError, UsageError
 from .errors import DatasetNotFoundError, ImageDecodeError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -43,15 +43,19 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L")
 ALPHA_MODES = ("RGBA", "LA", "PA")  # and P with a transparent colour
 
 
-def list_images(path) -> List[Path]:
-    """``path`` itself if it is a file, else the image files in the folder (sorted)."""
+def list_images(path, recursive: bool = False) -> List[Path]:
+    """``path`` itself if it is a file, else the image files in the folder, sorted; with
+    ``recursive`` those of its subfolders too (at any depth, sorted by their path in the folder:
+    ``a.jpg``, ``sub/b.jpg``, ``sub/deeper/c.jpg``, ``z.jpg`` as ``sorted`` orders path parts)."""
     path = Path(path)
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        found = path.rglob("*") if recursive else path.iterdir()
+        files = sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not files:
-            raise InputNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {path}")
+            where = "folder or its subfolders" if recursive else "folder"
+            raise InputNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {where} {path}")
         return files
     raise InputNotFoundError(f"no such image or folder: {path}")
 
@@ -141,3 +145,33 @@ def read_rgb(path) -> torch.Tensor:
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"cannot read image {path}: {e}. The file is incomplete or corrupt (truncated "
                                f"download or copy?): replace or remove it.") from None
+
+
+ImageLike = Union[str, Path, Image.Image, torch.Tensor, np.ndarray]
+
+
+def as_image_tensor(image: ImageLike) -> torch.Tensor:
+    """``(3, H, W)`` RGB: uint8 for files, PIL images and uint8 arrays / tensors; a float tensor
+    (values in [0, 1]) stays float. Arrays and tensors may also be ``(H, W, 3)``. Files and PIL images
+    are read as photo viewers show them (EXIF orientation applied, any mode converted as predict does).
+    What :class:`~detr_irpe.Detector` and :class:`~detr_irpe.export.OnnxDetector` take as an image."""
+    if isinstance(image, (str, Path)):
+        return read_rgb(image)
+    if isinstance(image, Image.Image):
+        return pil_to_rgb(image, exif=True)
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if not isinstance(image, torch.Tensor):
+        raise UsageError(f"an image must be a file path, a PIL image, a numpy array or a tensor, "
+                         f"got {type(image).__name__}")
+    if image.dim() == 3 and image.shape[0] != 3 and image.shape[-1] == 3:
+        image = image.permute(2, 0, 1)
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise UsageError(f"an image tensor must be (3, H, W) or (H, W, 3) RGB, got shape {tuple(image.shape)}")
+    if image.dtype == torch.uint8:
+        return image.contiguous()
+    if not image.is_floating_point():
+        raise UsageError(f"an image tensor must be uint8 (0-255) or float (0-1), got {image.dtype}")
+    if image.numel() and (image.min() < 0 or image.max() > 1):
+        raise UsageError("a float image tensor must hold values in [0, 1]; pass uint8 for 0-255 values")
+    return image.float().contiguous()

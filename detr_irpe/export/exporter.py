@@ -3,6 +3,9 @@
 Every export is checked before it is reported done: the written file is loaded back (onnxruntime
 for ONNX, ``torch.export.load`` for a program) and run on a padded batch of a size it was not
 traced with; if its outputs are not PyTorch's, :class:`ExportMismatchError` is raised.
+
+ONNX needs onnx, onnxscript and onnxruntime (the ``[export]`` extra); they are imported when an ONNX
+export starts, not with this module, so a ``torch.export`` program needs none of them.
 """
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-import onnxruntime
 import torch
 from torch import Tensor
 from torch.export import ExportedProgram
@@ -21,6 +23,7 @@ from torch.export import ExportedProgram
 from ..engine.inference import LoadedDetector, load_detector
 from ..errors import DetrIrpeError, UsageError
 from ..files import OutputError, check_writable, describe_os_error, output_mode, refuse_existing, refuse_inputs
+from ..optional import require
 from .preprocess import Preprocessing
 from .program import INPUT_NAMES, OUTPUT_NAMES, InputLimits, encoder_irpe_specs, export_program, sample_inputs
 from .runtime import onnx_session, run_onnx
@@ -32,6 +35,7 @@ FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
 # and either fails or leaves opset 18).
 ONNX_OPSETS = range(18, 23)
 DEFAULT_OPSET = 20
+ONNX_LIBRARIES = ("onnx", "onnxscript", "onnxruntime")  # torch's exporter, its optimizer, the check
 # The check of an export: far above float32 rounding between runtimes (measured 1e-6), far below what a
 # wrong bucket mapping or a frozen shape moves.
 CHECK_ATOL = 1e-3
@@ -66,17 +70,25 @@ class ExportResult:
 def check_options(out, fmt: str, opset: Optional[int], overwrite: bool = False) -> Optional[int]:
     """Validate the output path, format and opset; returns the opset to use (None for torch-export).
 
-    Without ``overwrite`` an existing model file or sidecar at ``out`` is refused."""
+    Without ``overwrite`` an existing model file or sidecar at ``out`` is refused.
+
+    Raises:
+        MissingExtraError: ONNX without the ``[export]`` extra's libraries.
+    """
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        for module in ONNX_LIBRARIES:
+            require(module, "export to ONNX")
     out = Path(out)
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder: name the model file to write, e.g. {out / ('model' + FORMATS[fmt])}")
     if not overwrite:
         refuse_existing([out, sidecar_path(out)], "pass --overwrite to replace them, or choose another --out")
     if out.suffix == ".json":
-        raise UsageError(f"--out {out} would be overwritten by the sidecar JSON; name the model file "
-                         f"{out.with_suffix(FORMATS[fmt]).name}")
+        raise UsageError(f"--out {out} has the name of a sidecar JSON (an export writes "
+                         f"{sidecar_path('model' + FORMATS[fmt]).name} beside model{FORMATS[fmt]}); name the model "
+                         f"file {out.with_suffix(FORMATS[fmt]).name}")
     if fmt == "torch-export":
         if opset is not None:
             raise UsageError("--opset applies to ONNX only; drop it for --format torch-export")
@@ -86,13 +98,15 @@ def check_options(out, fmt: str, opset: Optional[int], overwrite: bool = False) 
         raise UsageError(f"ONNX opset {opset} is not supported: use {ONNX_OPSETS.start}-{ONNX_OPSETS.stop - 1}. "
                          f"Below 18 torch's exporter cannot write DETR's graph (LayerNormalization, Split); from 23 "
                          f"the decoder's attention becomes the ONNX Attention operator, whose padding mask "
-                         f"onnxruntime {onnxruntime.__version__} rejects")
+                         f"onnxruntime {require('onnxruntime', 'export to ONNX').__version__} rejects")
     return opset
 
 
 def save_onnx(program: ExportedProgram, path, opset: int = DEFAULT_OPSET) -> Path:
     """Convert a program of :func:`export_program` to ONNX at ``opset`` and save it (weights inside the file
     up to 2 GB, beside it beyond)."""
+    for module in ("onnx", "onnxscript"):  # what torch.onnx.export(dynamo=True) imports
+        require(module, "export to ONNX")
     # onnxscript's optimizer warns once per Split of a weight (the in-projections) that it leaves it unfolded
     folding = logging.getLogger("onnxscript.optimizer._constant_folding")
     level = folding.level
@@ -127,7 +141,8 @@ def _check(run, model: torch.nn.Module, images: Tensor, mask: Tensor, what: str)
 
 def export_detector(detector: LoadedDetector, out, fmt: str = "onnx", opset: Optional[int] = None,
                     overwrite: bool = False) -> ExportResult:
-    """Export ``detector.model`` to ``out`` (ONNX, or a ``torch.export`` program) and write the sidecar JSON.
+    """Export ``detector.model`` to ``out`` (ONNX, or a ``torch.export`` program) and write the sidecar JSON
+    beside it, named after it (``model.onnx.json``, :func:`~detr_irpe.export.sidecar.sidecar_path`).
 
     The model must be a float32 model on the CPU (``load_detector(..., device="cpu")``); it is put in
     eval mode. Inputs ``images (batch, 3, height, width)`` float32 and ``mask (batch, height, width)``
@@ -142,6 +157,7 @@ def export_detector(detector: LoadedDetector, out, fmt: str = "onnx", opset: Opt
         UsageError: a bad format, opset, output path or model device / dtype.
         OutputExistsError: ``out`` or its sidecar exists and ``overwrite`` is not set.
         ExportMismatchError: the written file does not compute what the model computes.
+        MissingExtraError: ONNX without the ``[export]`` extra (onnx, onnxscript, onnxruntime).
     """
     opset = check_options(out, fmt, opset, overwrite)
     model = detector.model.eval()
@@ -165,7 +181,7 @@ def export_detector(detector: LoadedDetector, out, fmt: str = "onnx", opset: Opt
         if fmt == "onnx":
             session = onnx_session(written)
             diffs = _check(lambda x, m: run_onnx(session, x, m), model, images, mask, "ONNX model")
-            runtime = f"onnxruntime {onnxruntime.__version__}"
+            runtime = f"onnxruntime {require('onnxruntime', 'export to ONNX').__version__}"
         else:
             loaded = torch.export.load(str(written)).module()
             diffs = _check(lambda x, m: dict(zip(OUTPUT_NAMES, loaded(x, m))), model, images, mask, "program")

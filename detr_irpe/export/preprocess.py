@@ -43,9 +43,11 @@ class Preprocessing:
         return max(1, round(height * scale)), max(1, round(width * scale))
 
     def __call__(self, image: Tensor) -> Tensor:
-        """``(3, H, W)`` uint8 RGB -> ``(3, h, w)`` float32, normalised."""
-        if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
-            raise UsageError(f"expected a (3, H, W) uint8 RGB image, got {tuple(image.shape)} {image.dtype}")
+        """``(3, H, W)`` uint8 RGB (or float in [0, 1], resized as float, as the evaluation transform
+        does) -> ``(3, h, w)`` float32, normalised."""
+        if image.dim() != 3 or image.shape[0] != 3 or not (image.dtype == torch.uint8 or image.is_floating_point()):
+            raise UsageError(f"expected a (3, H, W) uint8 (or float in [0, 1]) RGB image, got {tuple(image.shape)} "
+                             f"{image.dtype}")
         image = F.resize(image, list(self.resized_size(*image.shape[-2:])), antialias=True)
         return F.normalize(F.to_dtype(image, torch.float32, scale=True), list(self.mean), list(self.std))
 

@@ -1,32 +1,45 @@
 """Run an exported ONNX detector with onnxruntime: preprocessing and post-processing as in PyTorch.
 
-    detector = OnnxDetector("model.onnx")              # reads model.json beside it
-    detections = detector.detect([read_rgb("photo.jpg")])   # per image: scores, labels, boxes (pixels)
+    detector = OnnxDetector("model.onnx")              # reads model.onnx.json beside it
+    found = detector.predict(["photo.jpg"], threshold=0.7)  # as Detector.predict: per image, best first
+    detections = detector.detect([read_rgb("photo.jpg")])   # lower level: per image, every query's scores,
+                                                            # labels, boxes (pixels)
+
+onnxruntime (the ``[export]`` extra) is imported when a session is made, not with this module.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
 
-import onnxruntime
 import torch
 from torch import Tensor
 
+from ..data.images import ImageLike, as_image_tensor
 from ..errors import CheckpointError, InputNotFoundError, UsageError
 from ..models.postprocess import PostProcess
+from ..optional import require
 from .preprocess import Preprocessing
 from .program import INPUT_NAMES, OUTPUT_NAMES
-from .sidecar import read_sidecar, sidecar_path
+from .records import detection_records
+from .sidecar import find_sidecar, read_sidecar
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+
+class UnsupportedImageError(UsageError):
+    """An image whose resized size the exported model does not take (see ``input_size`` in its sidecar)."""
 
 
 def onnx_session(path, providers: Optional[Sequence[str]] = None,
-                 options: Optional[onnxruntime.SessionOptions] = None) -> onnxruntime.InferenceSession:
+                 options: Optional["onnxruntime.SessionOptions"] = None) -> "onnxruntime.InferenceSession":
     """An onnxruntime session of the model at ``path`` (CPU unless ``providers`` says otherwise)."""
-    return onnxruntime.InferenceSession(str(path), sess_options=options,
-                                        providers=list(providers or ["CPUExecutionProvider"]))
+    ort = require("onnxruntime", "running an ONNX model")
+    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
-def run_onnx(session: onnxruntime.InferenceSession, images: Tensor, mask: Tensor) -> Dict[str, Tensor]:
+def run_onnx(session: "onnxruntime.InferenceSession", images: Tensor, mask: Tensor) -> Dict[str, Tensor]:
     """``images (B, 3, H, W)`` float, ``mask (B, H, W)`` bool -> ``pred_logits``, ``pred_boxes`` as tensors."""
     feeds = {INPUT_NAMES[0]: images.detach().to("cpu", torch.float32).contiguous().numpy(),
              INPUT_NAMES[1]: mask.detach().to("cpu", torch.bool).contiguous().numpy()}
@@ -37,24 +50,33 @@ def run_onnx(session: onnxruntime.InferenceSession, images: Tensor, mask: Tensor
 class OnnxDetector:
     """An exported ONNX detector with its sidecar: raw forward, or images in and detections out.
 
+    :meth:`predict` takes what :meth:`detr_irpe.Detector.predict` takes and returns the same records;
+    :meth:`detect` is the lower level (uint8 tensors in, every query's detection out).
+
     Args:
         model_path: the ``.onnx`` file written by :func:`detr_irpe.export.export_detector`.
-        sidecar: its JSON (default: beside it, ``model.json`` for ``model.onnx``).
+        sidecar: its JSON (default: beside it, ``model.onnx.json`` for ``model.onnx``; for an export
+            made before that naming, ``model.json`` if it describes ``model.onnx``).
         providers: onnxruntime execution providers (default CPU).
         options: onnxruntime ``SessionOptions`` (threads etc.).
 
     Attributes:
         info: the sidecar's content; ``categories``: ``{label: class name}``;
-        preprocess: ``(3, H, W)`` uint8 -> normalised ``(3, h, w)`` float, as evaluation images.
+        preprocess: ``(3, H, W)`` uint8 (or float in [0, 1]) -> normalised ``(3, h, w)`` float, as
+            evaluation images.
+
+    Raises:
+        MissingExtraError: onnxruntime is not installed (``pip install "detr_irpe[export]"``).
     """
 
     def __init__(self, model_path, sidecar=None, providers: Optional[Sequence[str]] = None,
-                 options: Optional[onnxruntime.SessionOptions] = None):
+                 options: Optional["onnxruntime.SessionOptions"] = None):
+        require("onnxruntime", "predict --onnx (OnnxDetector)")
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise InputNotFoundError(f"no ONNX model at {self.model_path}: write one with "
                                      f"`detr-irpe export --checkpoint CKPT --out {self.model_path.name}`")
-        self.info = read_sidecar(sidecar if sidecar is not None else sidecar_path(model_path))
+        self.info = read_sidecar(sidecar if sidecar is not None else find_sidecar(model_path))
         if self.info["format"] != "onnx":
             raise UsageError(f"{self.model_path} is described as a {self.info['format']!r} export; OnnxDetector runs "
                              f"ONNX files (load a .pt2 program with torch.export.load)")
@@ -79,8 +101,30 @@ class OnnxDetector:
 
     __call__ = forward
 
+    def image_problem(self, image: Tensor) -> Optional[str]:
+        """Why this export cannot run the ``(3, H, W)`` image, or None when it can: after the
+        evaluation resize a side is below the export's minimum (an image of extreme aspect ratio, e.g.
+        2000 x 40 pixels) or above its maximum (a learned position embedding).
+
+        Padding such an image up to the minimum would run, but the graph's CNN would then see the
+        padding, which PyTorch's per-image CNN never does: its detections would differ from
+        ``predict --checkpoint``'s (on the tests' tiny models, up to 4e-4 in scores and 0.2 pixels in
+        boxes), so the image is refused instead. (The minimum itself comes from ``torch.export``, which
+        specialises a convolution whose output has one cell; see ``InputLimits``.)
+        """
+        sides = self.info["input_size"]
+        height, width = image.shape[-2:]
+        h, w = self.preprocess.resized_size(int(height), int(width))
+        low, high = sides["min_side"], sides["max_side"]
+        if min(h, w) >= low and (high is None or max(h, w) <= high):
+            return None
+        most = f" to {high}" if high is not None else ""
+        return (f"the model input of this {height} x {width} image would be {h} x {w} pixels, and this export "
+                f"takes sides from {low}{most} pixels (backbone stride {sides.get('backbone_stride', '?')}); "
+                f"predict it with the PyTorch checkpoint (--checkpoint / Detector), which takes every size")
+
     def detect(self, images: Sequence[Tensor], batch_size: Optional[int] = None) -> List[Dict[str, Tensor]]:
-        """Detections of ``(3, H_i, W_i)`` uint8 RGB images.
+        """Detections of ``(3, H_i, W_i)`` uint8 RGB images (or float in [0, 1]).
 
         Images are resized like evaluation images, then run ``batch_size`` at a time (default: all),
         each batch holding images of one resized size only. The graph runs the CNN on the batch as
@@ -89,7 +133,18 @@ class OnnxDetector:
 
         Returns per image ``{"scores": (Q,), "labels": (Q,) int64, "boxes": (Q, 4)}``, boxes as absolute
         ``(x1, y1, x2, y2)`` in the original image, as :class:`~detr_irpe.models.postprocess.PostProcess`.
+
+        Raises:
+            UnsupportedImageError: an image this export cannot take (:meth:`image_problem`), named by
+                its position; nothing is run.
         """
+        for i, image in enumerate(images):
+            if not isinstance(image, Tensor) or image.dim() != 3:
+                raise UsageError(f"detect() takes (3, H, W) image tensors, got {type(image).__name__} as image {i}; "
+                                 f"predict() also takes paths, PIL images and arrays")
+            problem = self.image_problem(image)
+            if problem is not None:
+                raise UnsupportedImageError(f"image {i}: {problem}")
         inputs = [self.preprocess(image) for image in images]
         by_size: Dict[tuple, List[int]] = {}
         for i, x in enumerate(inputs):
@@ -105,3 +160,25 @@ class OnnxDetector:
                 for i, found in zip(chunk, self._postprocess(self.forward(batch, mask), sizes)):
                     results[i] = found
         return results
+
+    def predict(self, images: Union[ImageLike, Sequence[ImageLike]], threshold: float = 0.7,
+                batch_size: int = 1) -> List[List[dict]]:
+        """:meth:`detr_irpe.Detector.predict` with this export: detections scoring at least ``threshold``
+        for each image (a path, PIL image, numpy array, uint8 or float tensor, or a list of them), best
+        first, one list per image of ``{"box": [x1, y1, x2, y2], "score": float, "label": int,
+        "name": str}``, boxes in the image's own pixels.
+
+        Raises:
+            UnsupportedImageError: an image this export cannot take (:meth:`image_problem`), named by
+                its path or position.
+        """
+        single = not isinstance(images, (list, tuple))
+        given = [images] if single else list(images)
+        tensors = [as_image_tensor(image) for image in given]
+        for i, (image, tensor) in enumerate(zip(given, tensors)):
+            problem = self.image_problem(tensor)
+            if problem is not None:
+                name = str(image) if isinstance(image, (str, Path)) else f"image {i}"
+                raise UnsupportedImageError(f"{name}: {problem}")
+        detections = self.detect(tensors, batch_size=batch_size)
+        return [detection_records(d, threshold, self.categories) for d in detections]

@@ -1,9 +1,11 @@
 """The JSON written beside an exported model: what a deployment needs to feed it and read it.
 
-``model.onnx`` (or ``model.pt2``) gets ``model.json`` with the class names, the preprocessing
+``model.onnx`` gets ``model.onnx.json`` (``model.pt2`` gets ``model.pt2.json``: two exports in one
+folder keep a sidecar each) with the class names, the preprocessing
 (:class:`~detr_irpe.export.preprocess.Preprocessing`), the input and output names, shapes and
 meaning, the accepted input sizes, the iRPE spec of each encoder layer, the ONNX opset and how
-the export was checked against PyTorch.
+the export was checked against PyTorch. Exports made before this naming have ``model.json``;
+:func:`find_sidecar` still reads it when its ``model_file`` names the model.
 """
 from __future__ import annotations
 
@@ -31,8 +33,44 @@ def _package_version() -> str:
 
 
 def sidecar_path(model_path) -> Path:
-    """``model.onnx`` -> ``model.json``."""
+    """Where an export writes its sidecar: ``model.onnx`` -> ``model.onnx.json``."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name + ".json")
+
+
+def legacy_sidecar_path(model_path) -> Path:
+    """The sidecar of exports made before :func:`sidecar_path` named it after the whole file:
+    ``model.onnx`` -> ``model.json``, shared by every export of that stem."""
     return Path(model_path).with_suffix(".json")
+
+
+def _describes(path: Path, model_path: Path) -> bool:
+    """Whether the JSON at ``path`` is a sidecar whose ``model_file`` is ``model_path``'s name."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(info, dict) and info.get("model_file") == model_path.name
+
+
+def find_sidecar(model_path) -> Path:
+    """The sidecar of the export at ``model_path``: ``<model>.json`` (:func:`sidecar_path`), or for an
+    export made before that naming, ``<stem>.json`` if it describes this model file (its ``model_file``).
+
+    Raises:
+        InputNotFoundError: neither is there; the message names both.
+    """
+    model_path = Path(model_path)
+    path = sidecar_path(model_path)
+    if path.is_file():
+        return path
+    legacy = legacy_sidecar_path(model_path)
+    if legacy.is_file() and _describes(legacy, model_path):
+        return legacy
+    other = (f" ({legacy.name} beside it describes another model file)" if legacy.is_file() else "")
+    raise InputNotFoundError(f"no sidecar JSON for {model_path}: expected {path}, which `detr-irpe export` writes "
+                             f"beside the model{other}; export the model again, or pass the sidecar's path if it "
+                             f"lies elsewhere")
 
 
 def deployment_info(*, model_file: str, fmt: str, opset: Optional[int], preprocess: Preprocessing,
