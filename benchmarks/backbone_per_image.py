@@ -43,7 +43,7 @@ def main(argv=None):
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
-            model(images, mask, backbone_per_image=per_image)
+            model(images, mask, batched_backbone=not per_image)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start

@@ -26,3 +26,19 @@ class CheckpointError(DetrIrpeError, RuntimeError):
 
 class CheckpointNotFoundError(DetrIrpeError, FileNotFoundError):
     """No checkpoint or weights file at the given path."""
+
+
+class TrainingStopped(DetrIrpeError):
+    """Training stopped on a signal (SIGTERM, Ctrl-C) after saving a checkpoint; the run is not done.
+
+    ``exit_code`` is what a shell reports for a process killed by that signal (128 + its number),
+    so that ``train && eval`` and job schedulers see an unfinished run.
+    """
+
+    def __init__(self, message: str, signum: int, checkpoint):
+        super().__init__(message)
+        self.signum, self.checkpoint = signum, checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -29,7 +29,7 @@ def test_an_image_alone_equals_it_in_a_batch_of_four_sizes(tiny_checkpoint):
         torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=BOX_ATOL)
         torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=SCORE_ATOL)
         assert torch.equal(a["labels"], b["labels"])
-    detector.backbone_per_image = False  # DETR's way: the CNN sees the padding, and the boxes move
+    detector.batched_backbone = True  # DETR's way: the CNN sees the padding, and the boxes move
     moved = detector.detect(images)
     assert max((a["boxes"] - b["boxes"]).abs().max() for a, b in zip(alone, moved)) > 100 * BOX_ATOL
 

@@ -58,10 +58,10 @@ def cases(corrupt, good, tmp, not_checkpoints):
         # a malformed config value
         ("train", ["--config", "demo", bad_lr], "train.lr"),
         ("eval", ["--checkpoint", str(good), bad_lr], "train.lr"),
-        ("predict", ["--checkpoint", str(good), img, "--out", str(tmp), "--set", bad_lr], "train.lr"),
-        ("visualize", ["rpe", "--checkpoint", str(good), "--set", bad_lr, "--out", str(tmp)], "train.lr"),
+        ("predict", ["--checkpoint", str(good), img, "--out", str(tmp), bad_lr], "train.lr"),
+        ("visualize", ["rpe", "--checkpoint", str(good), bad_lr, "--out", str(tmp)], "train.lr"),
         ("check_data", ["--config", "demo", bad_lr], "train.lr"),
-        ("export", ["--checkpoint", str(good), "--out", str(tmp / "m.onnx"), "--set", bad_lr], "train.lr"),
+        ("export", ["--checkpoint", str(good), "--out", str(tmp / "m.onnx"), bad_lr], "train.lr"),
         ("export", ["--checkpoint", str(good), "--out", str(tmp / "m.onnx"), "--opset", "12"], "opset 12"),
         ("demo", ["--data-root", str(tmp / "data"), bad_lr], "train.lr"),
         ("pretrain_backbone", ["--config", "demo", "--out", str(tmp / "b.pth"), bad_lr], "train.lr"),

@@ -10,6 +10,7 @@ import torch
 from detr_irpe.engine.checkpoint import load_checkpoint_file
 from helpers import COCO, run_tool, tiny_overrides, tool
 from detr_irpe.evaluation import METRIC_NAMES
+from detr_irpe.models import detr_weight_dict
 
 
 def check_tensorboard_events(folder):
@@ -39,7 +40,7 @@ def test_train_resume_eval_predict(tmp_path):
     saved = torch.load(out / "checkpoint.pth", weights_only=True)
     assert weights["config"] == saved["config"] and weights["model"].keys() == saved["model"].keys()
     assert all(torch.equal(weights["model"][k], v) for k, v in saved["model"].items())
-    assert (out / "checkpoint_epoch0001.safetensors").is_file()
+    assert (out / "checkpoint_epoch0000.safetensors").is_file()  # named after the epoch logged as 0
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and set(ckpt) >= {"model", "optimizer", "lr_scheduler", "config", "rng"}
 
@@ -78,7 +79,11 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     overrides = tiny_overrides(out, **{"train.epochs": 1, "train.batch_size": 1})
     proc = run_tool(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                      "tools/train.py"], *overrides, timeout=400)
-    assert "epoch 0 |" in proc.stdout
+    assert proc.stdout.count("epoch 0 |") == 1 and proc.stdout.count("resumed") == 0  # one voice: rank 0's
+    # every logged number is the mean over both processes, so the total is the weighted sum of the logged terms
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    weights = detr_weight_dict(1.0, 5.0, 2.0, num_aux=1)  # tiny_overrides: 2 decoder layers, default weights
+    assert record["train_loss"] == pytest.approx(sum(w * record[f"train_{k}"] for k, w in weights.items()), rel=1e-5)
     merged = json.loads((out / "detections.json").read_text())
     single_dir = tmp_path / "single"
     run_tool("eval.py", "--checkpoint", out / "checkpoint.pth", "--output-dir", single_dir, "--batch-size", "1")

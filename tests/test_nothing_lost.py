@@ -339,7 +339,7 @@ def test_checkpoints_get_the_permissions_the_umask_gives(tmp_path, capsys):
     finally:
         os.umask(previous)
     assert code == 0
-    for name in ("checkpoint.pth", "checkpoint_best.pth", "checkpoint_epoch0001.pth", "metrics.json", "config.yaml"):
+    for name in ("checkpoint.pth", "checkpoint_best.pth", "checkpoint_epoch0000.pth", "metrics.json", "config.yaml"):
         assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o640, name
 
 

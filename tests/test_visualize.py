@@ -10,9 +10,11 @@ from PIL import Image
 from detr_irpe.data import ensure_synthetic_dataset
 from detr_irpe.irpe import bucket_ids_2d
 from detr_irpe.visualize import draw_detections, side_by_side  # the import other modules rely on
-from detr_irpe.visualize.attention import attention_to_image, pixel_to_cell
+from detr_irpe.visualize.attention import (attention_picture, attention_to_image, decoder_attention_panels,
+                                           encoder_attention_panel, pixel_to_cell)
 from detr_irpe.visualize.boxes import TITLE_HEIGHT
-from detr_irpe.visualize.curves import run_names, series
+from detr_irpe.visualize.curves import cut_short, run_names, series, training_curves_figure
+from detr_irpe.visualize.forward import ForwardResult
 from detr_irpe.visualize.rpe_tables import NoRPEError, capture_token, plot_rpe_tables, table_views
 from helpers import COCO, CTX, TINY, save_tiny_checkpoint, tiny_model, tool
 
@@ -73,7 +75,7 @@ def test_boxes_on_files_without_ground_truth(ctx_checkpoint, tmp_path):
 def test_small_images_are_enlarged_for_display(ctx_checkpoint, tmp_path):
     layout = ensure_synthetic_dataset(tmp_path / "shapes", num_train=8, num_val=4, image_size=64)
     tool("visualize").main(["boxes", "--checkpoint", str(ctx_checkpoint), "--val", "1", "--min-size", "128",
-                            "--threshold", "0", "--out", str(tmp_path / "out"), "--set", *layout.config_overrides()])
+                            "--threshold", "0", "--out", str(tmp_path / "out"), *layout.config_overrides()])
     (path,) = (tmp_path / "out").glob("*_boxes.png")
     assert png_size(path) == (TITLE_HEIGHT + 128, 2 * 128 + GAP)
 
@@ -100,6 +102,32 @@ def test_attention_cli_panels_have_the_image_size(ctx_checkpoint, tmp_path):
     for i in range(3):
         panel = picture[:, :, i * (w + GAP): i * (w + GAP) + w]
         assert (panel.float() - original.float()).abs().mean() > 10  # a heatmap is blended in
+
+
+def test_many_detections_wrap_into_rows_no_wider_than_the_limit():
+    """Eight 640-pixel panels (the encoder's, then seven detections best first) would be 5,176
+    pixels wide in one row; three fit in 2,000 pixels: rows of 3, 3 and 2, each panel where its
+    place in the order puts it."""
+    H, W, grid, n = 48, 640, (3, 40), 7
+    generator = torch.Generator().manual_seed(0)
+    cells = grid[0] * grid[1]
+    scores = torch.tensor([0.75, 0.9, 0.8, 0.95, 0.72, 0.85, 0.99, 0.1])  # 7 of 8 queries score >= 0.7
+    boxes = torch.tensor([[10.0 + 80 * q, 5.0, 60.0 + 80 * q, 40.0] for q in range(8)])
+    result = ForwardResult(
+        image=torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=generator), input_hw=(H, W),
+        padded_hw=(H, W), feature_hw=grid, scores=scores, labels=torch.arange(8) % 3 + 1, boxes=boxes,
+        attention={"encoder": [torch.rand(cells, cells, generator=generator).softmax(-1)],
+                   "decoder": [torch.rand(8, cells, generator=generator).softmax(-1)]})
+    picture = attention_picture(result, (320, 24), max_objects=n)
+    expected = [encoder_attention_panel(result, (320, 24))[0]]
+    expected += [p for p, _ in decoder_attention_panels(result, result.detections(0.7, n))]
+    assert len(expected) == 1 + n
+    assert picture.shape == (3, 3 * (TITLE_HEIGHT + H) + 2 * GAP, 3 * W + 2 * GAP) and picture.shape[2] <= 2000
+    for i, panel in enumerate(expected):
+        row, col = divmod(i, 3)
+        y, x = row * (TITLE_HEIGHT + H + GAP) + TITLE_HEIGHT, col * (W + GAP)
+        assert torch.equal(picture[:, y: y + H, x: x + W], panel), f"panel {i} (row {row}, column {col})"
+    assert (picture[:, 2 * (TITLE_HEIGHT + H + GAP):, 2 * (W + GAP):] == 255).all()  # the last row has two
 
 
 def test_attention_is_cropped_to_the_valid_region():
@@ -222,6 +250,39 @@ def test_series_keeps_the_last_record_of_a_repeated_epoch():
                {"epoch": 2, "val_AP": 0.1}, {"epoch": 2, "train_loss": float("nan")}]
     assert series(records, "train_loss") == ([0.0, 1.0], [3.0, 1.5])
     assert series(records, "val_AP") == ([2.0], [0.1])
+
+
+def cut_short_log():
+    """Six full epochs of 400 iterations, the loss falling 0.1 per epoch, then a time budget that
+    stops epoch 6 after one iteration, whose batch happened to be easy: its average is that one loss."""
+    records = [{"epoch": e, "train_loss": 7.5 - 0.1 * e, "train_iterations": 400} for e in range(6)]
+    records[5].update(val_AP=0.2)
+    records.append({"epoch": 6, "train_loss": 5.0, "train_iterations": 1, "out_of_time": True, "val_AP": 0.21})
+    return records
+
+
+def test_an_epoch_cut_short_is_a_marker_of_its_own_not_a_spike_of_the_line():
+    fig = training_curves_figure({"run": cut_short_log()})
+    loss = next(ax for ax in fig.axes if ax.get_title() == "total loss")
+    joined = [line for line in loss.lines if line.get_linestyle() != "None"]
+    assert len(joined) == 1 and list(joined[0].get_xdata()) == [0, 1, 2, 3, 4, 5]  # epoch 6 is not joined
+    assert max(abs(a - b) for a, b in zip(joined[0].get_ydata(), joined[0].get_ydata()[1:])) < 0.11  # no spike
+    (alone,) = [line for line in loss.lines if line.get_linestyle() == "None"]
+    assert list(alone.get_xdata()) == [6] and list(alone.get_ydata()) == [5.0]  # drawn where it was logged
+    assert alone.get_markerfacecolor() == "white"  # hollow, and the legend says what that means
+    assert "epoch cut short (fewer iterations)" in [t.get_text() for t in loss.get_legend().get_texts()]
+    assert [t.get_text() for t in loss.texts] == ["1/400 it."]
+    ap = next(ax for ax in fig.axes if ax.get_title() == "AP / AP50")  # the evaluation covers the whole val set
+    assert [list(line.get_xdata()) for line in ap.lines] == [[5, 6]]
+
+
+def test_which_epochs_count_as_cut_short():
+    full = [{"epoch": e, "train_loss": 1.0, "train_iterations": 50} for e in range(3)]
+    assert cut_short(full) == {}
+    assert cut_short(full + [{"epoch": 3, "train_iterations": 20}]) == {3.0: (20, 50)}  # max_iters_per_epoch lowered
+    assert cut_short(full + [{"epoch": 3, "out_of_time": True}]) == {3.0: (None, 50)}
+    capped = [{"epoch": e, "train_iterations": 5} for e in range(3)]  # every epoch capped alike: none is short
+    assert cut_short(capped) == {}
 
 
 def test_cli_errors_are_messages(ctx_checkpoint, tmp_path, capsys):

@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 from ..config import CONFIG_DIR, Config, apply_overrides, load_config, validate
 from ..data import ensure_synthetic_dataset
 from ..engine.distributed import pick_device
-from ..engine.pretrain import PretrainResult, pretrain_backbone
+from ..engine.pretrain import pretrain_for_run
 from ..engine.run_folder import run_files
 from ..engine.train import Trainer
 from ..files import atomic_write_json, fresh_folder
@@ -82,21 +82,6 @@ def cap_schedule(cfg: Config, iters_per_epoch: int, max_iterations: Optional[int
     return t.epochs * iters_per_epoch
 
 
-def _pretrain(settings: DemoSettings, cfg: Config, seconds: Optional[float]) -> Optional[PretrainResult]:
-    """Pretrain a from-scratch tiny backbone on the data's image-level labels (as DETR starts from
-    an ImageNet backbone) and point ``cfg.model.backbone_weights`` at the result."""
-    if cfg.train.pretrain_iterations <= 0 or cfg.model.backbone != "tiny" or cfg.model.backbone_weights != "none":
-        return None
-    if settings.max_pretrain_iterations is not None:
-        cfg.train.pretrain_iterations = min(cfg.train.pretrain_iterations, settings.max_pretrain_iterations)
-    result = pretrain_backbone(cfg, str(Path(settings.output_dir) / "backbone_pretrained.pth"), seconds=seconds,
-                               quiet=settings.quiet)
-    cfg.model.backbone_weights = result.path
-    _say(settings, f"[demo] backbone pretrained on which shapes each image holds: {result.iterations} iterations "
-                   f"in {result.seconds:.0f}s, loss {result.first_loss:.3f} -> {result.last_loss:.3f}")
-    return result
-
-
 def draw_pictures(checkpoint: Path, out: Path, cfg: Config, num_images: int, quiet: bool = True) -> dict:
     """Predictions vs ground truth on the first validation images, encoder / decoder attention,
     the learned iRPE tables (iRPE models only) and the training curves. Returns the paths."""
@@ -136,7 +121,7 @@ def run_demo(settings: DemoSettings) -> dict:
                    f"{cfg.model.enc_layers}+{cfg.model.dec_layers} layers, {cfg.model.num_queries} queries, "
                    f"encoder {'iRPE ' + cfg.model.rpe if cfg.model.rpe else 'plain (no iRPE)'}")
     t_pretrain = time.time()
-    pretrain = _pretrain(settings, cfg, budget)
+    pretrain = pretrain_for_run(cfg, budget, settings.max_pretrain_iterations, quiet=settings.quiet)
     t_pretrain = time.time() - t_pretrain
     if budget is not None:
         cfg.train.max_minutes = max(budget - t_pretrain, 1.0) / 60.0

@@ -23,13 +23,13 @@ EVAL_FILES = ("metrics.json", "detections.json")
 
 @torch.no_grad()
 def predict_dataset(model: nn.Module, postprocessor: nn.Module, dataset, device: torch.device,
-                    batch_size: int = 2, num_workers: int = 0, amp: str = "none", quiet: bool = False,
-                    backbone_per_image: bool = True) -> Dict[int, dict]:
+                    batch_size: int = 2, num_workers: int = 0, amp: str = "none", quiet: bool = False, *,
+                    batched_backbone: bool = False) -> Dict[int, dict]:
     """Detections of this process's share of ``dataset``: ``{image_id: {scores, labels, boxes}}``.
 
-    Boxes are absolute ``(x1, y1, x2, y2)`` in the original image size. With
-    ``backbone_per_image`` (the default) the CNN sees each image unpadded, so an image's
-    detections do not depend on the batch size or on what it is batched with.
+    Boxes are absolute ``(x1, y1, x2, y2)`` in the original image size. The CNN sees each image
+    unpadded, so an image's detections do not depend on the batch size or on what it is batched
+    with, unless ``batched_backbone`` (the padded batch, as training does).
     """
     model.eval()
     loader = build_dataloader(dataset, batch_size, train=False, num_workers=num_workers)
@@ -38,7 +38,7 @@ def predict_dataset(model: nn.Module, postprocessor: nn.Module, dataset, device:
                                        leave=False, dynamic_ncols=True):
         images, masks, targets = to_device(images, masks, targets, device)
         with autocast_context(device, amp):
-            outputs = model(images, masks, backbone_per_image=backbone_per_image)
+            outputs = model(images, masks, batched_backbone=batched_backbone)
         outputs = {k: v.float() for k, v in outputs.items() if k in ("pred_logits", "pred_boxes")}
         sizes = torch.stack([t["orig_size"] for t in targets])
         for target, result in zip(targets, postprocessor(outputs, sizes)):
@@ -48,7 +48,7 @@ def predict_dataset(model: nn.Module, postprocessor: nn.Module, dataset, device:
 
 def evaluate(model: nn.Module, postprocessor: nn.Module, dataset, device: torch.device, batch_size: int = 2,
              num_workers: int = 0, output_dir: Optional[Path] = None, amp: str = "none",
-             quiet: bool = False, backbone_per_image: bool = True, table: bool = True,
+             quiet: bool = False, *, batched_backbone: bool = False, table: bool = True,
              caveats: Sequence[str] = ()) -> dict:
     """COCO bbox mAP of ``model`` on ``dataset``; detections gathered from every process.
 
@@ -58,7 +58,7 @@ def evaluate(model: nn.Module, postprocessor: nn.Module, dataset, device: torch.
     per-class AP if ``table`` and not ``quiet``.
     """
     detections = predict_dataset(model, postprocessor, dataset, device, batch_size, num_workers, amp, quiet,
-                                 backbone_per_image)
+                                 batched_backbone=batched_backbone)
     evaluator = CocoEvaluator(dataset.coco)
     evaluator.update(detections)
     evaluator.synchronize()
@@ -98,7 +98,7 @@ def eval_output_dir(checkpoint: str, output_dir: Optional[str], overwrite: bool)
     return check_writable(out, "--output-dir")
 
 
-def evaluate_checkpoint(checkpoint: str, config_path: Optional[str] = None, overrides=(),
+def evaluate_checkpoint(checkpoint: str, config_path: Optional[str] = None, overrides=(), *,
                         output_dir: Optional[str] = None, device: str = "auto", batch_size: Optional[int] = None,
                         quiet: bool = False, batched_backbone: bool = False, overwrite: bool = False,
                         strict: bool = False) -> dict:
@@ -128,7 +128,7 @@ def evaluate_checkpoint(checkpoint: str, config_path: Optional[str] = None, over
         problems.append(message)
     metrics = evaluate(detector.model, detector.postprocessor, dataset, torch_device,
                        batch_size=batch_size or cfg.train.batch_size, num_workers=cfg.data.num_workers,
-                       output_dir=out, amp=cfg.train.amp, quiet=quiet, backbone_per_image=not batched_backbone,
+                       output_dir=out, amp=cfg.train.amp, quiet=quiet, batched_backbone=batched_backbone,
                        caveats=problems)
     du.cleanup_distributed()
     return {**metrics, "output_dir": str(out)}

@@ -42,7 +42,7 @@ class LoadedDetector:
     postprocessor: nn.Module
     config: Config
     categories: Dict[int, str]
-    backbone_per_image: bool = True  # see detect()
+    batched_backbone: bool = False  # see detect()
 
     @property
     def device(self) -> torch.device:
@@ -53,9 +53,9 @@ class LoadedDetector:
         """Every query's detection for each ``(3, H, W)`` uint8 RGB image.
 
         Images are resized like evaluation images (``data.eval_size`` / ``data.max_size``) and run
-        ``batch_size`` at a time (default: all at once), padded. With ``backbone_per_image`` (the
-        default) the CNN sees each image unpadded, so an image's detections do not depend on what
-        it is batched with.
+        ``batch_size`` at a time (default: all at once), padded. The CNN sees each image unpadded,
+        so an image's detections do not depend on what it is batched with, unless
+        ``batched_backbone`` (the padded batch, as training does).
 
         Returns:
             per image ``{"scores": (Q,), "labels": (Q,), "boxes": (Q, 4)}`` on the CPU, boxes
@@ -68,7 +68,7 @@ class LoadedDetector:
         for start in range(0, len(images), step):
             chunk = images[start:start + step]
             batch, mask = pad_images([transform(image) for image in chunk])
-            outputs = self.model(batch.to(device), mask.to(device), backbone_per_image=self.backbone_per_image)
+            outputs = self.model(batch.to(device), mask.to(device), batched_backbone=self.batched_backbone)
             sizes = torch.tensor([list(image.shape[-2:]) for image in chunk], device=device)
             results += [{k: v.cpu() for k, v in r.items()} for r in self.postprocessor(outputs, sizes)]
         return results

@@ -27,7 +27,11 @@ from ..data import build_dataloader, build_dataset, set_epoch
 from ..files import OutputExistsError, check_writable, refuse_existing
 from ..models.backbone import TinyBackbone, build_backbone
 from . import distributed as du
+from .run_folder import prepare_run_folder
 from .state import atomic_save
+
+PRETRAINED_FILE = "backbone_pretrained.pth"  # in the run's folder, when train.pretrain_iterations asks for it
+TARGETS = {"image": "which categories each image holds", "cells": "which categories cover each feature cell"}
 
 
 @dataclass
@@ -168,3 +172,29 @@ def _save(backbone: TinyBackbone, out_path: str, losses: List[float], seconds: f
     du.barrier()
     head, tail = losses[:20], losses[-20:]
     return PretrainResult(str(out_path), len(losses), seconds, sum(head) / len(head), sum(tail) / len(tail))
+
+
+def pretrain_for_run(cfg: Config, seconds: Optional[float] = None, max_iterations: Optional[int] = None,
+                     quiet: bool = False) -> Optional[PretrainResult]:
+    """The pretraining step of a training run: when ``cfg`` asks for it (``train.pretrain_iterations``
+    > 0, a ``tiny`` backbone without weights), pretrain into ``<train.output_dir>/backbone_pretrained.pth``
+    and point ``cfg.model.backbone_weights`` at it; else nothing (None).
+
+    ``max_iterations`` caps ``train.pretrain_iterations`` (quick looks, tests). The run folder is
+    checked first (:func:`~detr_irpe.engine.run_folder.prepare_run_folder`), so that a folder that
+    holds another run is refused before any work.
+    """
+    t, m = cfg.train, cfg.model
+    if t.pretrain_iterations <= 0 or m.backbone != "tiny" or m.backbone_weights != "none":
+        return None
+    if max_iterations is not None:
+        t.pretrain_iterations = min(t.pretrain_iterations, max_iterations)
+    du.init_distributed(t.device)
+    du.on_main_process(prepare_run_folder, Path(t.output_dir))
+    result = pretrain_backbone(cfg, str(Path(t.output_dir) / PRETRAINED_FILE), seconds=seconds, quiet=quiet,
+                               overwrite=True)  # the folder holds no run: the file is this run's own
+    m.backbone_weights = result.path
+    if not quiet and du.is_main_process():
+        print(f"backbone pretrained on {TARGETS[t.pretrain_target]}: {result.iterations} iterations in "
+              f"{result.seconds:.0f}s, loss {result.first_loss:.3f} -> {result.last_loss:.3f}", flush=True)
+    return result

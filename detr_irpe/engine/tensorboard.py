@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..config import DataConfig
 from ..data.coco import CocoDetection
 from ..evaluation import METRIC_NAMES
+from ..optional import require
 from ..visualize.boxes import prediction_vs_ground_truth
 from ..visualize.forward import run_model
 
@@ -39,7 +40,8 @@ class TensorBoardWriter:
     def __init__(self, log_dir: Path, enabled: bool):
         self.writer = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
+            require("tensorboard", "train.tensorboard=true")  # an optional extra: only when asked for
+            from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(log_dir))
 

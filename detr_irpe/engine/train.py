@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..config import Config, apply_overrides, config_from_dict, load_config, override_keys, save_config, validate
 from ..data import build_dataloader, build_train_val_datasets, set_epoch
-from ..errors import CheckpointError, DetrIrpeError
+from ..errors import CheckpointError, TrainingStopped
 from ..evaluation import ClassMismatchWarning, class_mismatch
 from ..files import OutputError, free_space
 from ..models import build_detr
@@ -22,28 +22,13 @@ from . import distributed as du
 from .checkpoint import load_checkpoint_file, load_for_finetuning, load_model_weights, state_dict_from_checkpoint
 from .evaluate import evaluate
 from .logger import JsonlWriter, MetricLogger
+from .pretrain import pretrain_for_run
 from .run_folder import logged_epochs, prepare_run_folder, set_aside_later_records
 from .state import CheckpointKeeper, capture_rng, restore_rng
 from .step import to_device, train_step
 from .tensorboard import TensorBoardWriter, validation_pictures
 
 TRAINING_KEYS = ("model", "optimizer", "lr_scheduler", "epoch")  # what --resume needs in a checkpoint
-
-
-class TrainingStopped(DetrIrpeError):
-    """Training stopped on a signal (SIGTERM, Ctrl-C) after saving a checkpoint; the run is not done.
-
-    ``exit_code`` is what a shell reports for a process killed by that signal (128 + its number),
-    so that ``train && eval`` and job schedulers see an unfinished run.
-    """
-
-    def __init__(self, message: str, signum: int, checkpoint: Path):
-        super().__init__(message)
-        self.signum, self.checkpoint = signum, checkpoint
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -485,7 +470,11 @@ def resume_config(ckpt: dict, checkpoint: str, config_path: Optional[str] = None
 
 
 def train(cfg: Config, resume: Optional[str] = None) -> dict:
-    """Train with ``cfg`` (optionally resuming with exactly ``cfg``); returns the final evaluation metrics."""
+    """Train with ``cfg`` (optionally resuming with exactly ``cfg``), after the backbone pretraining
+    the config asks for (:func:`~detr_irpe.engine.pretrain.pretrain_for_run`); returns the final
+    evaluation metrics."""
+    if resume is None:
+        pretrain_for_run(cfg)
     return Trainer(cfg, resume=resume).fit()
 
 

@@ -203,15 +203,16 @@ class Joiner(nn.Sequential):
         self.num_channels = backbone.num_channels
         self.stride = backbone.stride
 
-    def forward(self, images: Tensor, mask: Tensor, per_image: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor, mask: Tensor, batched_backbone: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
         """Returns features ``(B, C, h, w)``, mask ``(B, h, w)`` and position ``(B, hidden_dim, h, w)``.
 
-        ``per_image``: run the CNN on each image's own region (the top-left part its mask leaves
+        ``batched_backbone``: run the CNN on the padded batch, as DETR does (the default here, for
+        training). False: run it on each image's own region (the top-left part its mask leaves
         unpadded), so that no convolution sees another image's padding; the feature maps are then
-        padded to a common size, with the mask. An image's features, and so its detections, do not
-        depend on what it is batched with.
+        padded to a common size, with the mask. An image's features, and so its detections, then do
+        not depend on what it is batched with.
         """
-        if per_image and images.shape[0] > 1:
+        if not batched_backbone and images.shape[0] > 1:
             features, mask = self._features_per_image(images, mask)
         else:
             features, mask = self[0](images, mask)

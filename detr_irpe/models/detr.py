@@ -62,7 +62,7 @@ class DETR(nn.Module):
             self.group_query_embed = nn.Embedding(num_queries * (query_groups - 1), hidden_dim)
 
     def forward(self, images: Union[Tensor, Sequence[Tensor]], mask: Optional[Tensor] = None,
-                return_attention: bool = False, backbone_per_image: bool = False) -> Dict[str, object]:
+                return_attention: bool = False, batched_backbone: bool = True) -> Dict[str, object]:
         """Predict boxes for a batch of images.
 
         Args:
@@ -71,9 +71,10 @@ class DETR(nn.Module):
             mask: ``(B, H, W)`` bool, True on padding, for a padded batch; None = no padding.
             return_attention: add ``"attention"`` (see ``Transformer.forward``) and the
                 feature-map size ``"feature_hw"`` to the output.
-            backbone_per_image: run the CNN on each image unpadded (see ``Joiner.forward``), so
-                that an image's detections do not depend on the batch; evaluation and prediction
-                do this by default. Training batches the CNN, as DETR does.
+            batched_backbone: run the CNN on the padded batch, as DETR does (training, export);
+                False runs it on each image unpadded (see ``Joiner.forward``), so that an image's
+                detections do not depend on the batch: what every inference entry point does
+                unless it is given ``batched_backbone=True`` (``--batched-backbone``).
 
         Returns:
             ``pred_logits`` ``(B, Q, K + 1)``, ``pred_boxes`` ``(B, Q, 4)`` normalised
@@ -83,7 +84,7 @@ class DETR(nn.Module):
             ``query_groups`` says so.
         """
         images, mask = _as_batch(images, mask)
-        features, mask, pos = self.backbone(images, mask, per_image=backbone_per_image)
+        features, mask, pos = self.backbone(images, mask, batched_backbone=batched_backbone)
         queries, query_mask, groups = self.query_embed.weight, None, 1
         if self.training and self.query_groups > 1:
             groups = self.query_groups
