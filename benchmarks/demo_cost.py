@@ -20,7 +20,7 @@ from detr_irpe.apps.demo import DemoSettings, build_demo_config
 from detr_irpe.data import build_dataloader, build_dataset, ensure_synthetic_dataset, set_epoch
 from detr_irpe.engine.pretrain import ImageLabelClassifier, image_labels
 from detr_irpe.engine.step import to_device, train_step
-from detr_irpe.engine.train import build_optimizer
+from detr_irpe.engine.optim import build_optimizer
 from detr_irpe.models import build_backbone, build_detr
 from machine import describe
 

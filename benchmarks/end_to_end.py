@@ -16,7 +16,7 @@ import torch
 
 from detr_irpe.config import TrainConfig
 from detr_irpe.engine.step import train_step
-from detr_irpe.engine.train import build_optimizer
+from detr_irpe.engine.optim import build_optimizer
 from detr_irpe.models import build_detr
 from machine import describe
 

@@ -21,7 +21,6 @@ from detr_irpe.data import AnnotationError, CocoDetection, DatasetNotFoundError,
 from detr_irpe.data.check import check_dataset
 from detr_irpe.data.errors import DataItemError, DataLoaderWorkerError
 from detr_irpe.data import validate
-from detr_irpe.data.validate import validate_coco_dict
 from detr_irpe.apps.predict import SkippedImageWarning, predict_images
 from detr_irpe.data.images import read_rgb
 from detr_irpe.engine.inference import load_detector

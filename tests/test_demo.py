@@ -74,7 +74,7 @@ def test_a_cap_that_cuts_the_schedule_says_so(tmp_path, capsys, monkeypatch):
 def _lrs(cfg, iters_per_epoch, steps):
     import torch
 
-    from detr_irpe.engine.train import build_scheduler
+    from detr_irpe.engine.optim import build_scheduler
 
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     sched, per_iteration = build_scheduler(opt, cfg, iters_per_epoch)

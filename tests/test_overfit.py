@@ -7,7 +7,7 @@ import torch
 from detr_irpe.config import load_config
 from detr_irpe.data import build_train_val_datasets, collate_fn
 from detr_irpe.engine.step import train_step
-from detr_irpe.engine.train import build_optimizer
+from detr_irpe.engine.optim import build_optimizer
 from detr_irpe.models import build_detr
 from helpers import COCO, REPO
 

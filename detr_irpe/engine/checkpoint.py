@@ -29,6 +29,7 @@ from ..models.state_dict import StateDictDiff, compare_state_dict, describe
 # Heads whose shape depends on the dataset or the number of queries; fine-tuning may re-initialise them.
 FINETUNE_HEADS = ("class_embed", "query_embed", "group_query_embed")
 EXTRA_GROUPS = "group_query_embed."  # Group DETR's training-only query groups
+TRAINING_KEYS = ("model", "optimizer", "lr_scheduler", "epoch")  # what --resume needs in a checkpoint
 
 
 @dataclass
@@ -147,6 +148,14 @@ def _download(url: str) -> Path:
                 f"could not download {url} ({e}). Without network access, download the file on another "
                 f"machine and pass its local path instead of the URL") from None
     return target
+
+
+def require_training_checkpoint(ckpt: dict, path) -> None:
+    """Raise unless ``ckpt`` holds what ``--resume`` needs (a training checkpoint of this project)."""
+    for key in TRAINING_KEYS:
+        if key not in ckpt:
+            raise CheckpointError(f"{path} is not a training checkpoint of this project (no '{key}'); "
+                                  f"to start from its weights use train.pretrained={path}")
 
 
 def state_dict_from_checkpoint(obj: Mapping) -> Dict[str, Tensor]:

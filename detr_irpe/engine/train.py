@@ -6,99 +6,30 @@ import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import Config, apply_overrides, config_from_dict, load_config, override_keys, save_config, validate
+from ..config import Config, save_config
 from ..data import build_dataloader, build_train_val_datasets, set_epoch
-from ..errors import CheckpointError, TrainingStopped
+from ..errors import TrainingStopped
 from ..evaluation import ClassMismatchWarning, class_mismatch
 from ..files import OutputError, free_space
 from ..models import build_detr
 from . import distributed as du
-from .checkpoint import load_checkpoint_file, load_for_finetuning, load_model_weights, state_dict_from_checkpoint
+from .checkpoint import (load_checkpoint_file, load_for_finetuning, load_model_weights, require_training_checkpoint,
+                         state_dict_from_checkpoint)
 from .evaluate import evaluate
 from .logger import JsonlWriter, MetricLogger
+from .optim import build_optimizer, build_scheduler
 from .pretrain import pretrain_for_run
 from .run_folder import logged_epochs, prepare_run_folder, set_aside_later_records
 from .state import CheckpointKeeper, capture_rng, restore_rng
 from .step import to_device, train_step
+from .stop import StopRequest
 from .tensorboard import TensorBoardWriter, validation_pictures
-
-TRAINING_KEYS = ("model", "optimizer", "lr_scheduler", "epoch")  # what --resume needs in a checkpoint
-
-
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW with two groups: the backbone at ``lr_backbone`` and everything else at ``lr``."""
-    backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
-    rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
-    groups = [{"params": rest, "lr": cfg.lr, "name": "transformer"}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr_backbone, "name": "backbone"})
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg, iters_per_epoch: int):
-    """The learning-rate schedule of ``cfg`` (a ``TrainConfig``) and whether it steps every iteration.
-
-    ``lr_schedule=step`` without warmup is DETR's ``StepLR`` (divide by 10 at epoch ``lr_drop``),
-    stepped once per epoch. Warmup or ``lr_schedule=cosine`` give a per-iteration ``LambdaLR``:
-    linear warmup over ``warmup_iters``, then the step drop at iteration ``lr_drop * iters_per_epoch``
-    or a cosine decay to 0 over all ``epochs * iters_per_epoch`` iterations.
-    """
-    if cfg.lr_schedule == "step" and cfg.warmup_iters == 0:
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=0.1), False
-    total = max(cfg.epochs * iters_per_epoch, 1)
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / cfg.warmup_iters) if cfg.warmup_iters else 1.0
-        if cfg.lr_schedule == "cosine":
-            return warm * 0.5 * (1.0 + math.cos(math.pi * min(step / total, 1.0)))
-        return warm * 0.1 ** (step // max(cfg.lr_drop * iters_per_epoch, 1))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
-
-
-class StopRequest:
-    """Turns SIGTERM / SIGINT into a flag checked at iteration boundaries (preemption-safe)."""
-
-    def __init__(self):
-        self.requested = False
-        self.signum: Optional[int] = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not in the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signum = signum
-        if du.is_main_process():
-            tqdm.write(f"received {signal.Signals(signum).name}: saving a checkpoint at the next iteration boundary")
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    def agreed(self, device) -> bool:
-        """True if any process was asked to stop (so all ranks stop at the same iteration)."""
-        return du.any_process(self.requested, device)
-
-    @property
-    def signal_number(self) -> int:
-        """The signal that asked for the stop (SIGTERM when it came from another rank)."""
-        return self.signum if self.signum is not None else int(signal.SIGTERM)
 
 
 class Trainer:
@@ -432,43 +363,6 @@ def _epoch_line(record: dict) -> str:
     return " | ".join(parts)
 
 
-def require_training_checkpoint(ckpt: dict, path) -> None:
-    """Raise unless ``ckpt`` holds what ``--resume`` needs (a training checkpoint of this project)."""
-    for key in TRAINING_KEYS:
-        if key not in ckpt:
-            raise CheckpointError(f"{path} is not a training checkpoint of this project (no '{key}'); "
-                                  f"to start from its weights use train.pretrained={path}")
-
-
-def _flat(config_dict: dict) -> Dict[str, object]:
-    return {f"{section}.{key}": value for section, values in config_dict.items() for key, value in values.items()}
-
-
-def config_changes(before: dict, after: dict) -> List[str]:
-    """``section.key: old -> new`` for every setting that differs between two ``Config.to_dict()``s."""
-    old, new = _flat(before), _flat(after)
-    return [f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in new if old.get(key) != new[key]]
-
-
-def resume_config(ckpt: dict, checkpoint: str, config_path: Optional[str] = None,
-                  overrides: Sequence[str] = ()) -> Config:
-    """The config a resumed run continues with: the run's own (stored in the checkpoint), or
-    ``config_path``, with ``overrides`` on top; it writes into the checkpoint's folder unless
-    ``train.output_dir`` is overridden."""
-    require_training_checkpoint(ckpt, checkpoint)
-    if config_path is not None:
-        cfg = load_config(config_path, overrides)
-    elif isinstance(ckpt.get("config"), dict):
-        cfg = apply_overrides(config_from_dict(ckpt["config"]), overrides)
-        validate(cfg)
-    else:
-        raise CheckpointError(f"{checkpoint} stores no config of this project (not written by detr-irpe train): "
-                              f"give the run's --config to resume it")
-    if "train.output_dir" not in override_keys(overrides):
-        cfg.train.output_dir = str(Path(checkpoint).parent)
-    return cfg
-
-
 def train(cfg: Config, resume: Optional[str] = None) -> dict:
     """Train with ``cfg`` (optionally resuming with exactly ``cfg``), after the backbone pretraining
     the config asks for (:func:`~detr_irpe.engine.pretrain.pretrain_for_run`); returns the final
@@ -476,22 +370,3 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     if resume is None:
         pretrain_for_run(cfg)
     return Trainer(cfg, resume=resume).fit()
-
-
-def resume_training(checkpoint: str, config_path: Optional[str] = None, overrides: Sequence[str] = (),
-                    quiet: bool = False) -> dict:
-    """Continue the run of ``checkpoint`` (see :func:`resume_config`), saying which settings changed;
-    a run that already finished says so and trains nothing. Returns the final evaluation metrics
-    (``{"finished_before": True}`` for a finished run)."""
-    ckpt = load_checkpoint_file(checkpoint)
-    cfg = resume_config(ckpt, checkpoint, config_path, overrides)
-    trainer = Trainer(cfg, resume=checkpoint, quiet=quiet, checkpoint=ckpt)
-    changes = config_changes(ckpt.get("config") or {}, cfg.to_dict())
-    if changes:
-        trainer._say("resuming with changed settings:\n  " + "\n  ".join(changes))
-    if trainer.finished:
-        trainer._say(f"{checkpoint} is the end of a finished run: all {cfg.train.epochs} epochs trained and "
-                     f"evaluated, nothing to do. To train longer, resume with train.epochs=N (N > {cfg.train.epochs})")
-        du.cleanup_distributed()
-        return {"finished_before": True}
-    return trainer.fit()

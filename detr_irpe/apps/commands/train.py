@@ -5,7 +5,8 @@ import sys
 
 from ...config import load_config
 from ...data.check import check_config_data
-from ...engine.train import resume_training, train
+from ...engine.resume import resume_training
+from ...engine.train import train
 from . import options
 
 
