@@ -27,7 +27,7 @@ import yaml
 
 from .errors import DetrIrpeError
 from .files import atomic_write_text
-from .irpe import parse_rpe_spec
+from .irpe import RPE_IMPLS, parse_rpe_spec
 
 
 class ConfigError(DetrIrpeError, ValueError):
@@ -53,6 +53,9 @@ class ModelConfig:
     num_queries: int = 100
     num_classes: Optional[int] = 91  # None: read from the training annotation file
     rpe: Optional[str] = None  # iRPE spec of the encoder, e.g. rpe-2.0-product-ctx-1-k; None = plain DETR
+    # how the iRPE attention runs: auto (CPU: the compiled kernel; GPU: SDPA with the iRPE logits as a
+    # mask) | native | chunked | sdpa | triton (the fused GPU kernel; opt-in until measured on a GPU)
+    rpe_impl: str = "auto"
     aux_loss: bool = True
     # Group DETR: in training, this many groups of num_queries queries, each matched one-to-one to
     # the targets and hidden from the others in decoder self-attention; inference uses the first
@@ -339,6 +342,7 @@ def validate(cfg: Config) -> Config:
             parse_rpe_spec(m.rpe)
         except ValueError as e:
             problems.append(f"model.rpe: {e}")
+    need(m.rpe_impl in RPE_IMPLS, f"model.rpe_impl must be one of {', '.join(RPE_IMPLS)}, got {m.rpe_impl!r}")
     need(t.epochs > 0, f"train.epochs must be > 0, got {t.epochs}")
     need(t.batch_size > 0, f"train.batch_size must be > 0, got {t.batch_size}")
     need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")

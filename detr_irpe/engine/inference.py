@@ -80,7 +80,8 @@ def config_for_checkpoint(ckpt: dict, config_path: Optional[str] = None, overrid
     Our checkpoints store it under ``config``; official DETR and iRPE-DETR files store an
     ``argparse.Namespace`` under ``args``. ``num_classes`` / ``num_queries`` are read from the
     weights' shapes, so an official COCO checkpoint needs no config at all. The config is for
-    inference: one group of queries (``model.query_groups = 1``).
+    inference: one group of queries (``model.query_groups = 1``), and the attention computed the
+    way this machine does best (``model.rpe_impl = "auto"``; an override may choose another).
     """
     if config_path is not None:
         cfg = load_config(config_path)
@@ -101,6 +102,7 @@ def config_for_checkpoint(ckpt: dict, config_path: Optional[str] = None, overrid
         cfg.model.num_queries = int(state["query_embed.weight"].shape[0])
     cfg.model.backbone_weights = "none"  # the checkpoint holds the backbone
     cfg.model.query_groups = 1  # extra query groups only train (see inference_state_dict)
+    cfg.model.rpe_impl = "auto"  # how the attention runs belongs to this machine, not to the weights
     apply_overrides(cfg, overrides)
     return validate(cfg)
 

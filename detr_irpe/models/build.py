@@ -64,7 +64,7 @@ def build_detr(config: Union[None, ModelConfig, Config] = None,
     transformer = Transformer(
         d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
         num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
-        pre_norm=cfg.pre_norm, rpe=cfg.rpe,
+        pre_norm=cfg.pre_norm, rpe=cfg.rpe, rpe_impl=cfg.rpe_impl,
     )
     model = DETR(backbone, transformer, cfg.num_classes, cfg.num_queries, aux_loss=cfg.aux_loss,
                  query_groups=cfg.query_groups)

@@ -38,12 +38,15 @@ class TransformerEncoderLayer(nn.Module):
         pre_norm: LayerNorm before each block (else after the residual sum, as DETR's default).
         rpe: iRPE of the self-attention (spec string, ``RPEConfig``) or None.
         bucket_cache: iRPE bucket ids to share with the other layers of the encoder.
+        rpe_impl: how the iRPE attention is computed (see :class:`~detr_irpe.irpe.RPEMultiheadAttention`).
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 pre_norm: bool = False, rpe=None, bucket_cache: Optional[BucketCache] = None):
+                 pre_norm: bool = False, rpe=None, bucket_cache: Optional[BucketCache] = None,
+                 rpe_impl: str = "auto"):
         super().__init__()
-        self.self_attn = RPEMultiheadAttention(d_model, nhead, dropout=dropout, rpe=rpe, bucket_cache=bucket_cache)
+        self.self_attn = RPEMultiheadAttention(d_model, nhead, dropout=dropout, rpe=rpe, bucket_cache=bucket_cache,
+                                               rpe_impl=rpe_impl)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -183,15 +186,17 @@ class Transformer(nn.Module):
         pre_norm: pre-norm layers (adds a final encoder LayerNorm); post-norm by default.
         rpe: iRPE of the encoder self-attention (spec string such as ``rpe-2.0-product-ctx-1-k``,
             an ``RPEConfig``) or None for plain DETR.
+        rpe_impl: how the encoder's iRPE attention is computed (``auto``, ``native``, ``chunked``,
+            ``sdpa``, ``triton``; see :class:`~detr_irpe.irpe.RPEMultiheadAttention`).
     """
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 pre_norm: bool = False, rpe=None):
+                 pre_norm: bool = False, rpe=None, rpe_impl: str = "auto"):
         super().__init__()
         buckets = BucketCache()  # every encoder layer sees the same feature-map size
         self.encoder = TransformerEncoder(
-            [TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, pre_norm, rpe, buckets)
+            [TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, pre_norm, rpe, buckets, rpe_impl)
              for _ in range(num_encoder_layers)],
             nn.LayerNorm(d_model) if pre_norm else None,
         )
