@@ -70,6 +70,11 @@ class ModelConfig:
     bbox_loss_coef: float = 5.0
     giou_loss_coef: float = 2.0
     eos_coef: float = 0.1  # weight of the "no object" class in the cross-entropy
+    # instance segmentation (DETR's mask head: attention maps of the last decoder layer over the
+    # encoder memory, an FPN-style conv head over the backbone's stride 4/8/16 features)
+    masks: bool = False
+    mask_loss_coef: float = 1.0  # sigmoid focal loss of the matched masks
+    dice_loss_coef: float = 1.0  # DICE loss of the matched masks
 
 
 @dataclass
@@ -113,6 +118,9 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     pretrained: Optional[str] = None  # checkpoint to start from (fine-tuning)
+    # a detection checkpoint loaded into the detector and frozen: only the mask head trains
+    # (model.masks; the second stage of DETR's segmentation recipe)
+    frozen_weights: Optional[str] = None
     max_iters_per_epoch: Optional[int] = None  # cap for quick runs
     keep_last: int = 3  # rolling checkpoints kept besides checkpoint.pth and the best
     save_safetensors: bool = False  # also the model weights as <checkpoint>.safetensors beside each .pth
@@ -342,6 +350,17 @@ def validate(cfg: Config) -> Config:
             parse_rpe_spec(m.rpe)
         except ValueError as e:
             problems.append(f"model.rpe: {e}")
+    if m.masks:
+        problems.extend(mask_head_problems(m.hidden_dim, m.nheads))
+        need(m.query_groups == 1, f"model.masks needs model.query_groups=1 (the mask head predicts one mask per "
+                                  f"query of DETR), got {m.query_groups}")
+    need(m.mask_loss_coef >= 0 and m.dice_loss_coef >= 0,
+         f"model.mask_loss_coef and model.dice_loss_coef must be >= 0, got {m.mask_loss_coef}, {m.dice_loss_coef}")
+    if t.frozen_weights is not None:
+        need(m.masks, "train.frozen_weights trains the mask head of a frozen detector: set model.masks=true "
+                      "(to start every weight from a checkpoint, use train.pretrained)")
+        need(t.pretrained is None, "train.frozen_weights and train.pretrained both give the starting weights: "
+                                   "set only one (frozen_weights freezes the detector, pretrained trains it)")
     need(m.rpe_impl in RPE_IMPLS, f"model.rpe_impl must be one of {', '.join(RPE_IMPLS)}, got {m.rpe_impl!r}")
     need(t.epochs > 0, f"train.epochs must be > 0, got {t.epochs}")
     need(t.batch_size > 0, f"train.batch_size must be > 0, got {t.batch_size}")
@@ -370,6 +389,18 @@ def validate(cfg: Config) -> Config:
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return cfg
+
+
+def mask_head_problems(hidden_dim: int, nheads: int) -> list:
+    """Why DETR's mask head cannot be built for ``hidden_dim`` / ``nheads`` (empty if it can): its
+    group norms (8 groups, as DETR) need ``hidden_dim + nheads`` and ``hidden_dim // 2, 4, 8, 16``
+    channels divisible by 8, e.g. hidden_dim 256 (DETR) or 128 with nheads 8."""
+    channels = [hidden_dim + nheads] + [hidden_dim // f for f in (2, 4, 8, 16)]
+    if all(c > 0 and c % 8 == 0 for c in channels):
+        return []
+    return [f"model.masks: the mask head's group norms (8 groups) need hidden_dim + nheads and hidden_dim / 2, "
+            f"/ 4, / 8, / 16 divisible by 8, got channels {channels} (hidden_dim {hidden_dim}, nheads {nheads}); "
+            f"use e.g. hidden_dim 256 or 128 with nheads 8"]
 
 
 def save_config(cfg: Config, path: Union[str, Path]) -> None:

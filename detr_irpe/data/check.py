@@ -1,8 +1,8 @@
 """Check a COCO-format dataset without training: every problem, grouped, counted, with examples.
 
 Used by ``tools/check_data.py`` and ``tools/train.py --check-data``. Checks the annotation json
-(structure, ids, references, boxes: :mod:`.validate`) and the image files: missing, not
-decodable (each one is fully decoded with PIL, so truncated files are found), of another
+(structure, ids, references, boxes, and with ``masks`` the segmentations: :mod:`.validate`) and
+the image files: missing, not decodable (each one is fully decoded with PIL, so truncated files are found), of another
 size than the json says, and with an EXIF orientation tag (every one listed: photo viewers
 show it turned, the dataset reads it by :func:`~.images.dataset_orientation`). Errors are what
 would stop (or silently spoil) training; warnings are what the loader tolerates.
@@ -62,11 +62,13 @@ def check_image_file(path: Path, image_id: int, width=None, height=None, decode:
 
 
 def check_dataset(annotation_file: PathLike, image_dir: Optional[PathLike], decode: bool = True,
-                  workers: Optional[int] = None, progress: bool = False, max_examples: int = 5) -> Report:
+                  workers: Optional[int] = None, progress: bool = False, max_examples: int = 5,
+                  masks: bool = False) -> Report:
     """Every problem of a COCO-format dataset (annotation json + image folder) in a :class:`Report`.
 
     ``image_dir=None`` checks the json alone; ``decode=False`` only checks that image files
-    exist (fast); otherwise every image is decoded, on ``workers`` threads.
+    exist (fast); otherwise every image is decoded, on ``workers`` threads. ``masks``: check the
+    segmentations too (instance segmentation, ``model.masks``).
     """
     annotation_file = Path(annotation_file)
     report = Report(str(annotation_file), max_examples=max_examples)
@@ -78,7 +80,7 @@ def check_dataset(annotation_file: PathLike, image_dir: Optional[PathLike], deco
     except AnnotationError as e:
         report.add("structure").detail = str(e)
         return report
-    report = validate_coco_dict(data, str(annotation_file), max_examples=max_examples)
+    report = validate_coco_dict(data, str(annotation_file), max_examples=max_examples, masks=masks)
     if not report.structure_ok or image_dir is None:
         return report
     report.image_dir = str(image_dir)
@@ -165,7 +167,9 @@ def report_and_exit_code(reports: Dict[str, Report], strict: bool = False, max_e
 
 
 def check_config_data(cfg: "DataConfig", splits: Sequence[str] = SPLITS, decode: bool = True,
-                      strict: bool = False, progress: bool = True, out: Optional[TextIO] = None) -> int:
-    """Check the config's splits, print the reports; the exit code (for ``tools/train.py --check-data``)."""
-    reports = check_config_splits(cfg, splits, decode=decode, progress=progress)
+                      strict: bool = False, progress: bool = True, out: Optional[TextIO] = None,
+                      masks: bool = False) -> int:
+    """Check the config's splits, print the reports; the exit code (for ``tools/train.py --check-data``;
+    ``masks``: the segmentations too, for ``model.masks``)."""
+    reports = check_config_splits(cfg, splits, decode=decode, progress=progress, masks=masks)
     return report_and_exit_code(reports, strict=strict, out=out)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 from torchvision import tv_tensors
@@ -31,14 +32,15 @@ SPLITS = ("train", "val")
 _LISTED = 5  # missing files named in an error
 
 
-def check_coco_dict(data, source: PathLike, image_dir: Optional[PathLike] = None) -> Report:
-    """Raise ``AnnotationError`` listing every problem that makes ``data`` unusable as COCO ground truth.
+def check_coco_dict(data, source: PathLike, image_dir: Optional[PathLike] = None, masks: bool = False) -> Report:
+    """Raise ``AnnotationError`` listing every problem that makes ``data`` unusable as COCO ground truth
+    (with ``masks``, as instance segmentation ground truth: every segmentation well-formed).
 
     Problems that the loader tolerates (boxes of zero or negative size or outside the image,
     boxes across the border, images without width/height) do not raise; they are in the
     returned :class:`~detr_irpe.data.validate.Report` and printed by ``tools/check_data.py``.
     """
-    report = validate_coco_dict(data, str(source))
+    report = validate_coco_dict(data, str(source), masks=masks)
     if not report.structure_ok:
         raise AnnotationError(report.findings["structure"].describe())
     errors = report.errors
@@ -77,18 +79,19 @@ def read_json(path: PathLike):
                               f"file like annotations/instances_val2017.json.") from None
 
 
-def read_coco(annotation_file: PathLike, image_dir: Optional[PathLike] = None) -> Tuple[COCO, Report]:
+def read_coco(annotation_file: PathLike, image_dir: Optional[PathLike] = None,
+              masks: bool = False) -> Tuple[COCO, Report]:
     """Read and validate a COCO detection json: an indexed ``pycocotools.coco.COCO`` and the
     :class:`~detr_irpe.data.validate.Report` of what the loader tolerates (dropped or clipped boxes).
 
     Raises ``AnnotationError`` listing every problem that would break training or evaluation
-    (see :func:`check_coco_dict`); ``image_dir`` only completes the hint in that message.
-    Missing ``area`` / ``iscrowd`` are filled in (box area, 0).
+    (see :func:`check_coco_dict`; ``masks``: the segmentations too); ``image_dir`` only completes
+    the hint in that message. Missing ``area`` / ``iscrowd`` are filled in (box area, 0).
     """
     path = Path(annotation_file)
     _require_annotation_file(path)
     data = read_json(path)
-    report = check_coco_dict(data, path, image_dir)
+    report = check_coco_dict(data, path, image_dir, masks)
     _fill_defaults(data)
     coco = COCO()
     coco.dataset = data
@@ -140,13 +143,35 @@ def category_names(coco: COCO) -> Dict[int, str]:
     return {cid: str(cat.get("name", cid)) for cid, cat in coco.cats.items()}
 
 
+def segmentation_to_rle(segmentation, height: int, width: int) -> dict:
+    """A COCO ``segmentation`` as one RLE of a ``height x width`` image, as pycocotools' ``annToRLE``
+    reads it: polygons (a list of ``[x1, y1, x2, y2, ...]``, merged), uncompressed RLE (``counts`` a
+    list) or compressed RLE (``counts`` a string)."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
+def segmentations_to_masks(segmentations: List, height: int, width: int) -> Tensor:
+    """COCO segmentations as ``(N, height, width)`` uint8 masks (pycocotools' ``annToMask`` of each)."""
+    if not segmentations:
+        return torch.zeros(0, height, width, dtype=torch.uint8)
+    masks = mask_utils.decode([segmentation_to_rle(s, height, width) for s in segmentations])  # (H, W, N)
+    return torch.from_numpy(masks).permute(2, 0, 1).contiguous()
+
+
 def normalize_target(target: dict, size: Tuple[int, int]) -> dict:
     """Turn a transformed target into the model's format.
 
     ``target["boxes"]`` (N, 4) absolute boxes in any ``tv_tensors.BoundingBoxes`` format become
-    plain (N, 4) float (cx, cy, w, h) in [0, 1] relative to ``size = (h, w)``; ``size`` is added.
+    plain (N, 4) float (cx, cy, w, h) in [0, 1] relative to ``size = (h, w)``; ``size`` is added;
+    ``masks`` (a ``tv_tensors.Mask``) become a plain (N, h, w) uint8 tensor.
     """
     out = dict(target)
+    if "masks" in target:
+        out["masks"] = target["masks"].as_subclass(Tensor)
     boxes = target["boxes"]
     fmt = boxes.format.name.lower() if isinstance(boxes, tv_tensors.BoundingBoxes) else "xyxy"
     boxes = box_convert(boxes.as_subclass(Tensor).float(), fmt, "cxcywh")
@@ -166,10 +191,12 @@ class CocoDetection(torch.utils.data.Dataset):
     - ``labels``: (N,) int64 COCO category ids (not contiguous indices)
     - ``image_id``: int64 scalar; ``orig_size``: (2,) int64 (h, w) of the file; ``size``: (2,) (h, w) now
     - ``area``: (N,) float, the annotation's area in original pixels; ``iscrowd``: (N,) int64 (all 0)
+    - with ``masks=True``: ``masks``, (N, H, W) uint8, each box's instance mask at the returned
+      image size (from its polygons or RLE, as pycocotools' ``annToMask``), transformed with the image
 
-    Boxes are clipped to the image and degenerate ones dropped. Crowd regions are left out of the
-    targets (the evaluator reads them from the annotation file). Images without annotations are
-    kept, with ``boxes`` of shape (0, 4).
+    Boxes are clipped to the image and degenerate ones dropped (with their masks). Crowd regions
+    are left out of the targets (the evaluator reads them from the annotation file). Images
+    without annotations are kept, with ``boxes`` of shape (0, 4) (and ``masks`` (0, H, W)).
 
     The annotation file is validated at construction (:func:`load_coco`): every problem that would
     break training is raised at once as ``AnnotationError``. An item that fails to load raises
@@ -181,10 +208,13 @@ class CocoDetection(torch.utils.data.Dataset):
 
     ``cache_images``: keep every decoded image (uint8) in memory after its first use, so that
     later epochs skip the file reading and decoding (each loader worker holds its own cache).
+
+    ``masks``: add the instance masks to the targets (instance segmentation); the annotation
+    file's segmentations are then validated too. Without it nothing reads them.
     """
 
     def __init__(self, image_dir: PathLike, annotation_file: PathLike,
-                 transforms: Optional[Callable] = None, cache_images: bool = False):
+                 transforms: Optional[Callable] = None, cache_images: bool = False, masks: bool = False):
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         _require_annotation_file(self.annotation_file)  # both checks before the (slow) json load
@@ -192,9 +222,11 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DatasetNotFoundError(
                 f"image folder not found: {self.image_dir} (images of {self.annotation_file.name}). "
                 f"Set data.root and data.train_images / data.val_images to the folder holding the images.")
-        self.coco, self.report = read_coco(self.annotation_file, self.image_dir)  # refuses an empty dataset too
+        # refuses an empty dataset too
+        self.coco, self.report = read_coco(self.annotation_file, self.image_dir, masks=masks)
         self.ids = sorted(self.coco.imgs)
         self.transforms = transforms
+        self.masks = masks
         self._decoded: Optional[Dict[int, Tensor]] = {} if cache_images else None
 
     @property
@@ -277,7 +309,7 @@ class CocoDetection(torch.utils.data.Dataset):
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         boxes = boxes.float()
         area = [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns]
-        return {
+        target = {
             "boxes": tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(h, w)),
             "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)[keep],
             "area": torch.tensor(area, dtype=torch.float64).clamp(0, h * w).float()[keep],  # finite
@@ -285,6 +317,10 @@ class CocoDetection(torch.utils.data.Dataset):
             "image_id": torch.tensor(image_id, dtype=torch.int64),
             "orig_size": torch.tensor([h, w], dtype=torch.int64),
         }
+        if self.masks:
+            kept = [a["segmentation"] for a, k in zip(anns, keep.tolist()) if k]
+            target["masks"] = tv_tensors.Mask(segmentations_to_masks(kept, h, w))
+        return target
 
     def ground_truth_sample(self, index: int) -> Tuple[str, Tensor, Dict[str, Tensor]]:
         """Item ``index`` as stored, for pictures: ``(file stem, (3, H, W) uint8 image,
@@ -325,8 +361,10 @@ def resolve(root: PathLike, path: PathLike) -> Path:
     return path if path.is_absolute() else Path(root) / path
 
 
-def build_dataset(cfg: "DataConfig", split: str, transforms: Optional[Callable] = None) -> CocoDetection:
-    """The ``train`` or ``val`` split described by ``cfg``, with its standard transforms unless given."""
+def build_dataset(cfg: "DataConfig", split: str, transforms: Optional[Callable] = None,
+                  masks: bool = False) -> CocoDetection:
+    """The ``train`` or ``val`` split described by ``cfg``, with its standard transforms unless given
+    (``masks``: with instance masks, see :class:`CocoDetection`)."""
     from .transforms import make_eval_transforms, make_train_transforms
 
     if split not in SPLITS:
@@ -345,7 +383,7 @@ def build_dataset(cfg: "DataConfig", split: str, transforms: Optional[Callable] 
             f"holding the images; see datasets/README.md.")
     if transforms is None:
         transforms = make_train_transforms(cfg) if split == "train" else make_eval_transforms(cfg)
-    dataset = CocoDetection(image_dir, annotation_file, transforms, cache_images=cfg.cache_images)
+    dataset = CocoDetection(image_dir, annotation_file, transforms, cache_images=cfg.cache_images, masks=masks)
     missing = dataset.missing_image_files()
     if missing:
         shown = ", ".join(str(p) for p in missing[:_LISTED]) + (f" and {len(missing) - _LISTED} more"
@@ -358,5 +396,7 @@ def build_dataset(cfg: "DataConfig", split: str, transforms: Optional[Callable] 
 
 
 def build_train_val_datasets(cfg: "Config") -> Tuple[CocoDetection, CocoDetection]:
-    """The ``train`` and ``val`` splits of ``cfg.data``, each with its standard transforms."""
-    return build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
+    """The ``train`` and ``val`` splits of ``cfg.data``, each with its standard transforms, with
+    instance masks when the model predicts them (``model.masks``)."""
+    masks = cfg.model.masks
+    return build_dataset(cfg.data, "train", masks=masks), build_dataset(cfg.data, "val", masks=masks)

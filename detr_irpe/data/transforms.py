@@ -1,8 +1,10 @@
 """DETR's augmentations, built from ``torchvision.transforms.v2``.
 
 Every transform takes and returns ``(image, target)`` where ``image`` is a ``tv_tensors.Image``
-and ``target["boxes"]`` is a ``tv_tensors.BoundingBoxes``; other target entries are carried
-along (per-box ones are filtered together with the boxes when a crop removes some).
+and ``target["boxes"]`` is a ``tv_tensors.BoundingBoxes``; instance masks, ``target["masks"]``
+``(N, H, W)`` as a ``tv_tensors.Mask``, are flipped, resized (nearest) and cropped with the
+image; other target entries are carried along (per-box ones, the masks included, are filtered
+together with the boxes when a crop removes some).
 """
 from __future__ import annotations
 

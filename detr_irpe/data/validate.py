@@ -74,6 +74,15 @@ KINDS: Dict[str, Tuple[str, str, str, str]] = {
     "bbox_negative": (WARNING, "annotation", "with a negative box width or height (dropped during loading)",
                       "COCO boxes are [x, y, width, height]: a file with [x1, y1, x2, y2] boxes needs converting."),
     "bbox_empty": (WARNING, "annotation", "with zero box width or height (dropped during loading)", ""),
+    # instance segmentation (checked only for model.masks: nothing else reads the segmentations)
+    "segmentation_missing": (ERROR, "annotation", "without a 'segmentation' (instance masks need one)",
+                             "Add its polygons or RLE, or remove the annotation, or train without model.masks."),
+    "segmentation_malformed": (ERROR, "annotation",
+                               "whose 'segmentation' is neither polygons nor RLE of its image",
+                               "COCO's format: a list of polygons [[x1, y1, x2, y2, ...], ...], each at least "
+                               "3 points (6 numbers), or RLE {'counts': ..., 'size': [height, width]} of the "
+                               "image's size (and polygons need the image's width / height in 'images'). "
+                               "Fix or remove these annotations."),
     "bbox_outside": (WARNING, "annotation", "whose box lies entirely outside its image (dropped during loading)",
                      "Check the boxes and the images' width / height."),
     # image files (tools/check_data.py; the dataset meets these only when it loads the image)
@@ -211,8 +220,10 @@ class Report:
         return "structure" not in self.findings
 
 
-def validate_coco_dict(data: Any, source: str = "annotation file", max_examples: int = 5) -> Report:
-    """Every problem of the COCO detection dict ``data``. Never raises on any JSON value."""
+def validate_coco_dict(data: Any, source: str = "annotation file", max_examples: int = 5,
+                       masks: bool = False) -> Report:
+    """Every problem of the COCO detection dict ``data``; with ``masks`` (instance segmentation) of
+    its segmentations too. Never raises on any JSON value."""
     report = Report(str(source), max_examples=max_examples)
     if not _check_structure(data, report):
         return report
@@ -221,6 +232,8 @@ def validate_coco_dict(data: Any, source: str = "annotation file", max_examples:
     cat_ids = _check_categories(data["categories"], report)
     sizes = _check_images(data["images"], report)
     _check_annotations(data["annotations"], cat_ids, sizes, report)
+    if masks:
+        _check_segmentations(data["annotations"], sizes, report)
     return report
 
 
@@ -433,3 +446,64 @@ def _check_boxes(boxes: List[list], labels: Callable[[int], str], image_size: Li
     report_mask("bbox_outside", outside, with_size=True)
     report_mask("bbox_clipped", clipped, with_size=True)
 
+
+
+def _finite_sum(values: list) -> bool:
+    """Whether the numbers ``values`` sum to a finite float (no NaN, no infinity, no overflow)."""
+    try:
+        return math.isfinite(sum(values))
+    except (OverflowError, TypeError):
+        return False
+
+
+def segmentation_problem(segmentation: Any, size: Optional[Tuple[float, float]]) -> Optional[str]:
+    """What makes ``segmentation`` unreadable as the mask of an image of ``size = (width, height)``
+    (NaN where the image gives none; None: no such image, reported elsewhere), or None.
+
+    Polygons: a non-empty list of lists of numbers, each an even count of at least 6 (pycocotools
+    reads 4 as a box); RLE: ``counts`` (a string, or run lengths summing to height x width) and
+    ``size`` ``[height, width]`` of the image."""
+    width, height = size if size is not None else (0.0, 0.0)
+    known = size is not None and not (math.isnan(width) or math.isnan(height))
+    if type(segmentation) is list:
+        if not segmentation:
+            return "an empty list of polygons"
+        for polygon in segmentation:
+            if type(polygon) is not list or not _NUMBER_TYPES.issuperset(map(type, polygon)):
+                return f"a polygon that is not a list of numbers: {short(polygon, 40)}"
+            if len(polygon) < 6 or len(polygon) % 2:
+                return f"a polygon of {len(polygon)} coordinates (x, y pairs, at least 3 points)"
+            if not _finite_sum(polygon):
+                return "a polygon with a NaN or infinite coordinate"
+        if size is not None and not known:
+            return "polygons, but its image has no valid width / height to draw them in"
+        return None
+    if type(segmentation) is not dict or "counts" not in segmentation or "size" not in segmentation:
+        return f"segmentation {short(segmentation, 40)}"
+    rle_size, counts = segmentation["size"], segmentation["counts"]
+    if (type(rle_size) is not list or len(rle_size) != 2 or not all(_is_int(v, 1) for v in rle_size)):
+        return f"RLE of size {short(rle_size, 30)} (expected [height, width])"
+    if known and rle_size != [height, width]:
+        return f"RLE of size {rle_size}, but its image is {width:g}x{height:g} (size is [height, width])"
+    if type(counts) is list:
+        if not all(_is_int(v, 0) for v in counts) or sum(counts) != rle_size[0] * rle_size[1]:
+            return "RLE whose run lengths do not add up to height x width"
+    elif type(counts) is not str or not counts:
+        return f"RLE with counts {short(counts, 30)} (expected a string or a list of run lengths)"
+    return None
+
+
+def _check_segmentations(annotations: list, sizes: Dict[int, Tuple[float, float]], report: Report) -> None:
+    for pos, ann in enumerate(annotations):
+        if type(ann) is not dict:
+            continue
+        if "segmentation" not in ann:
+            finding = report.finding("segmentation_missing")
+            finding.add(_annotation_label(pos, ann) if len(finding.examples) < report.max_examples else None)
+            continue
+        iid = ann.get("image_id")
+        problem = segmentation_problem(ann["segmentation"], sizes.get(iid) if type(iid) is int else None)
+        if problem is not None:
+            finding = report.finding("segmentation_malformed")
+            finding.add(f"{_annotation_label(pos, ann)} has {problem}"
+                        if len(finding.examples) < report.max_examples else None)

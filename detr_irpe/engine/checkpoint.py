@@ -24,11 +24,13 @@ from ..errors import CheckpointError, CheckpointNotFoundError
 from .diagnose import SAFE_CLASSES, diagnose
 from ..interop import (checkpoint_from_hf, download_from_hub, hf_weights_file, is_hf_folder, is_hub_id,
                        load_safetensors, read_hf_config, read_processor_size, read_safetensors_weights)
+from ..models.segmentation import DETRsegm
 from ..models.state_dict import StateDictDiff, compare_state_dict, describe
 
 # Heads whose shape depends on the dataset or the number of queries; fine-tuning may re-initialise them.
 FINETUNE_HEADS = ("class_embed", "query_embed", "group_query_embed")
 EXTRA_GROUPS = "group_query_embed."  # Group DETR's training-only query groups
+DETECTOR = "detr."  # a segmentation model's detector (DETRsegm: detr.*, bbox_attention.*, mask_head.*)
 TRAINING_KEYS = ("model", "optimizer", "lr_scheduler", "epoch")  # what --resume needs in a checkpoint
 
 
@@ -187,8 +189,28 @@ def _what(action: str, source: Optional[str]) -> str:
     return f"{action} ({source})" if source else action
 
 
+def _head_module(key: str) -> Optional[str]:
+    """The fine-tuning head ``key`` belongs to (``class_embed``, or ``detr.class_embed`` in a
+    segmentation model), or None."""
+    parts = key.split(".")
+    at = 1 if parts[0] == DETECTOR[:-1] and len(parts) > 2 else 0
+    return ".".join(parts[:at + 1]) if parts[at] in FINETUNE_HEADS else None
+
+
 def _is_head(key: str) -> bool:
-    return key.split(".")[0] in FINETUNE_HEADS
+    return _head_module(key) is not None
+
+
+def _is_segmentation_state(state: Mapping[str, Tensor]) -> bool:
+    return any(k.startswith(DETECTOR) for k in state)
+
+
+def detector_state_dict(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """The detector of a state dict: itself for a DETR, the ``detr.*`` part (prefix removed) of a
+    segmentation model's (its mask head left out)."""
+    if not _is_segmentation_state(state):
+        return dict(state)
+    return {k[len(DETECTOR):]: v for k, v in state.items() if k.startswith(DETECTOR)}
 
 
 def _mismatch_error(missing: List[str], unexpected: List[str], mismatched: List[tuple], what: str) -> CheckpointError:
@@ -256,14 +278,25 @@ def load_for_finetuning(model: nn.Module, state_dict: Mapping[str, Tensor],
     * Extra query groups (``model.query_groups``) missing from the checkpoint keep their fresh
       initialisation (``initialised``); a checkpoint's groups the model does not have are left
       out (``unexpected``).
+    * A detection checkpoint starts a segmentation model's detector (its mask head keeps its fresh
+      initialisation, ``initialised``); a segmentation checkpoint starts a detector (its mask head
+      is left out, ``unexpected``).
 
     Raises:
         CheckpointError: any other missing / unexpected key or shape mismatch.
     """
+    segmentation = isinstance(model, DETRsegm)
+    if segmentation != _is_segmentation_state(state_dict):
+        if segmentation:
+            state_dict = {DETECTOR + k: v for k, v in state_dict.items()}
+        else:
+            state_dict = {**detector_state_dict(state_dict),
+                          **{k: v for k, v in state_dict.items() if not k.startswith(DETECTOR)}}
     missing, unexpected, mismatched = _compare(model, state_dict)
     heads = [m for m in mismatched if _is_head(m[0])]
-    fresh = [k for k in missing if "lookup_table" in k or k.startswith(EXTRA_GROUPS)]
-    left_out = [k for k in unexpected if k.startswith(EXTRA_GROUPS)]
+    mask_head = ("bbox_attention.", "mask_head.")
+    fresh = [k for k in missing if "lookup_table" in k or k.startswith(EXTRA_GROUPS) or k.startswith(mask_head)]
+    left_out = [k for k in unexpected if k.startswith(EXTRA_GROUPS) or k.startswith(mask_head)]
     other_mismatched = [m for m in mismatched if m not in heads]
     other_missing = [k for k in missing if k not in fresh]
     other_unexpected = [k for k in unexpected if k not in left_out]
@@ -273,7 +306,7 @@ def load_for_finetuning(model: nn.Module, state_dict: Mapping[str, Tensor],
     skipped = sorted(k for k, _, _ in heads)
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in skipped and k not in left_out},
                           strict=False)
-    for name in {k.split(".")[0] for k in skipped}:
+    for name in {_head_module(k) for k in skipped}:
         model.get_submodule(name).reset_parameters()
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -282,3 +315,21 @@ def load_for_finetuning(model: nn.Module, state_dict: Mapping[str, Tensor],
                 params[key].zero_()
     loaded = sorted(k for k in state_dict if k not in skipped and k not in left_out)
     return LoadReport(loaded=loaded, skipped=skipped, initialised=fresh, unexpected=left_out)
+
+
+def load_frozen_weights(model: nn.Module, path: str) -> LoadReport:
+    """``train.frozen_weights``: the second stage of DETR's segmentation recipe. Load a detection
+    checkpoint (any format :func:`load_checkpoint_file` reads; of a segmentation model, its
+    detector) into ``model.detr`` (``strict``) and freeze it, so that only the mask head trains.
+
+    Raises:
+        CheckpointError: ``model`` has no mask head, or the weights do not fit its detector.
+    """
+    if not isinstance(model, DETRsegm):
+        raise CheckpointError(f"train.frozen_weights={path} freezes the detector of a segmentation model and "
+                              f"trains its mask head: set model.masks=true")
+    state = detector_state_dict(state_dict_from_checkpoint(load_checkpoint_file(path)))
+    state = {k: v for k, v in state.items() if not k.startswith(EXTRA_GROUPS)}  # Group DETR's training queries
+    report = load_model_weights(model.detr, state, strict=True, source=f"train.frozen_weights={path}")
+    model.freeze_detr()
+    return report

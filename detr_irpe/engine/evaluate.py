@@ -12,24 +12,29 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import build_dataloader, build_dataset
-from ..evaluation import ClassMismatchError, ClassMismatchWarning, CocoEvaluator, class_mismatch
+from ..evaluation import ClassMismatchError, ClassMismatchWarning, CocoEvaluator, class_mismatch, encode_masks
 from ..files import check_writable, fresh_folder, refuse_existing
 from . import distributed as du
 from .inference import load_detector
 from .step import autocast_context, to_device
 
 EVAL_FILES = ("metrics.json", "detections.json")
+# the outputs post-processing reads (the rest, auxiliary outputs, stays behind)
+POSTPROCESSED = ("pred_logits", "pred_boxes", "pred_masks", "input_sizes", "pred_masks_sizes")
 
 
 @torch.no_grad()
 def predict_dataset(model: nn.Module, postprocessor: nn.Module, dataset, device: torch.device,
                     batch_size: int = 2, num_workers: int = 0, amp: str = "none", quiet: bool = False, *,
                     batched_backbone: bool = False) -> Dict[int, dict]:
-    """Detections of this process's share of ``dataset``: ``{image_id: {scores, labels, boxes}}``.
+    """Detections of this process's share of ``dataset``: ``{image_id: {scores, labels, boxes}}``,
+    and for a segmentation model ``segmentations``: the RLE of each query's mask (see
+    :func:`~detr_irpe.evaluation.encode_masks`; masks at full size would not fit in memory).
 
-    Boxes are absolute ``(x1, y1, x2, y2)`` in the original image size. The CNN sees each image
-    unpadded, so an image's detections do not depend on the batch size or on what it is batched
-    with, unless ``batched_backbone`` (the padded batch, as training does).
+    Boxes and masks are in the original image size, boxes absolute ``(x1, y1, x2, y2)``. The CNN
+    (and the mask head) sees each image unpadded, so an image's detections do not depend on the
+    batch size or on what it is batched with, unless ``batched_backbone`` (the padded batch, as
+    training does).
     """
     model.eval()
     loader = build_dataloader(dataset, batch_size, train=False, num_workers=num_workers)
@@ -39,10 +44,12 @@ def predict_dataset(model: nn.Module, postprocessor: nn.Module, dataset, device:
         images, masks, targets = to_device(images, masks, targets, device)
         with autocast_context(device, amp):
             outputs = model(images, masks, batched_backbone=batched_backbone)
-        outputs = {k: v.float() for k, v in outputs.items() if k in ("pred_logits", "pred_boxes")}
+        outputs = {k: v.float() if v.is_floating_point() else v for k, v in outputs.items() if k in POSTPROCESSED}
         sizes = torch.stack([t["orig_size"] for t in targets])
         for target, result in zip(targets, postprocessor(outputs, sizes)):
-            detections[int(target["image_id"])] = {k: v.cpu() for k, v in result.items()}
+            if "masks" in result:
+                result["segmentations"] = encode_masks(result.pop("masks"))
+            detections[int(target["image_id"])] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in result.items()}
     return detections
 
 
@@ -50,12 +57,13 @@ def evaluate(model: nn.Module, postprocessor: nn.Module, dataset, device: torch.
              num_workers: int = 0, output_dir: Optional[Path] = None, amp: str = "none",
              quiet: bool = False, *, batched_backbone: bool = False, table: bool = True,
              caveats: Sequence[str] = ()) -> dict:
-    """COCO bbox mAP of ``model`` on ``dataset``; detections gathered from every process.
+    """COCO bbox mAP of ``model`` on ``dataset`` (and mask mAP for a segmentation model); detections
+    gathered from every process.
 
     Writes ``detections.json`` and ``metrics.json`` into ``output_dir`` (main process) and
-    returns the metrics (the 12 standard numbers, per-class AP and, given ``caveats`` (what makes
-    them less than they seem), ``warnings``) on every process. Prints pycocotools' table and the
-    per-class AP if ``table`` and not ``quiet``.
+    returns the metrics (the 12 standard numbers, per-class AP, for masks the same prefixed
+    ``segm_``, and, given ``caveats`` (what makes them less than they seem), ``warnings``) on every
+    process. Prints pycocotools' table and the per-class AP if ``table`` and not ``quiet``.
     """
     detections = predict_dataset(model, postprocessor, dataset, device, batch_size, num_workers, amp, quiet,
                                  batched_backbone=batched_backbone)
@@ -115,7 +123,7 @@ def evaluate_checkpoint(checkpoint: str, config_path: Optional[str] = None, over
     out = du.on_main_process(eval_output_dir, checkpoint, output_dir, overwrite)
     detector = load_detector(checkpoint, config_path, overrides, device=str(torch_device))
     cfg = detector.config
-    dataset = build_dataset(cfg.data, "val")
+    dataset = build_dataset(cfg.data, "val", masks=cfg.model.masks)
     problems = []
     mismatch = class_mismatch(detector.categories, cfg.model.num_classes, dataset.categories)
     if mismatch:

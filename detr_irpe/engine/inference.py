@@ -20,8 +20,9 @@ _ARGS_TO_MODEL = {
     "backbone": "backbone", "dilation": "dilation", "position_embedding": "position_embedding",
     "hidden_dim": "hidden_dim", "nheads": "nheads", "enc_layers": "enc_layers", "dec_layers": "dec_layers",
     "dim_feedforward": "dim_feedforward", "dropout": "dropout", "pre_norm": "pre_norm",
-    "num_queries": "num_queries", "enc_rpe2d": "rpe",
+    "num_queries": "num_queries", "enc_rpe2d": "rpe", "masks": "masks",
 }
+SEGMENTATION_KEYS = ("bbox_attention.", "mask_head.")  # a DETRsegm state dict (its detector under "detr.")
 
 
 TRAINING_ONLY = ("group_query_embed.",)  # state-dict prefixes inference leaves out
@@ -79,9 +80,11 @@ def config_for_checkpoint(ckpt: dict, config_path: Optional[str] = None, overrid
 
     Our checkpoints store it under ``config``; official DETR and iRPE-DETR files store an
     ``argparse.Namespace`` under ``args``. ``num_classes`` / ``num_queries`` are read from the
-    weights' shapes, so an official COCO checkpoint needs no config at all. The config is for
-    inference: one group of queries (``model.query_groups = 1``), and the attention computed the
-    way this machine does best (``model.rpe_impl = "auto"``; an override may choose another).
+    weights' shapes, so an official COCO checkpoint needs no config at all; so is ``masks``
+    (a segmentation model: ``bbox_attention.*`` / ``mask_head.*`` beside ``detr.*``), which
+    ``args.masks`` says too. The config is for inference: one group of queries
+    (``model.query_groups = 1``), and the attention computed the way this machine does best
+    (``model.rpe_impl = "auto"``; an override may choose another).
     """
     if config_path is not None:
         cfg = load_config(config_path)
@@ -96,10 +99,13 @@ def config_for_checkpoint(ckpt: dict, config_path: Optional[str] = None, overrid
                     value = getattr(args, src)
                     setattr(cfg.model, dst, (value or None) if dst == "rpe" else value)
     state = state_dict_from_checkpoint(ckpt)
-    if "class_embed.weight" in state:
-        cfg.model.num_classes = int(state["class_embed.weight"].shape[0]) - 1
-    if "query_embed.weight" in state:
-        cfg.model.num_queries = int(state["query_embed.weight"].shape[0])
+    if any(k.startswith(SEGMENTATION_KEYS) for k in state):
+        cfg.model.masks = True
+    detr = "detr." if cfg.model.masks else ""
+    if detr + "class_embed.weight" in state:
+        cfg.model.num_classes = int(state[detr + "class_embed.weight"].shape[0]) - 1
+    if detr + "query_embed.weight" in state:
+        cfg.model.num_queries = int(state[detr + "query_embed.weight"].shape[0])
     cfg.model.backbone_weights = "none"  # the checkpoint holds the backbone
     cfg.model.query_groups = 1  # extra query groups only train (see inference_state_dict)
     cfg.model.rpe_impl = "auto"  # how the attention runs belongs to this machine, not to the weights

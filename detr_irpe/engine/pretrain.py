@@ -185,8 +185,8 @@ def pretrain_for_run(cfg: Config, seconds: Optional[float] = None, max_iteration
     holds another run is refused before any work.
     """
     t, m = cfg.train, cfg.model
-    if t.pretrain_iterations <= 0 or m.backbone != "tiny" or m.backbone_weights != "none":
-        return None
+    if t.pretrain_iterations <= 0 or m.backbone != "tiny" or m.backbone_weights != "none" or t.frozen_weights:
+        return None  # (frozen_weights: the backbone comes from that checkpoint)
     if max_iterations is not None:
         t.pretrain_iterations = min(t.pretrain_iterations, max_iterations)
     du.init_distributed(t.device)

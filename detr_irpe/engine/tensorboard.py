@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import DataConfig
 from ..data.coco import CocoDetection
-from ..evaluation import METRIC_NAMES
+from ..evaluation import METRIC_NAMES, SEGM
 from ..optional import require
 from ..visualize.boxes import prediction_vs_ground_truth
 from ..visualize.forward import run_model
@@ -55,10 +55,11 @@ class TensorBoardWriter:
             self.writer.add_scalar(f"lr/{group}", lr, step)
 
     def evaluation(self, metrics: Dict[str, float], pictures: List[Tuple[str, Tensor]], step: int) -> None:
-        """The 12 COCO numbers (``val/AP`` ...) and the pictures (``val_images/<name>``)."""
+        """The 12 COCO numbers (``val/AP`` ...; of the masks too, ``val/segm_AP`` ..., for a
+        segmentation model) and the pictures (``val_images/<name>``)."""
         if self.writer is None:
             return
-        for name in METRIC_NAMES:
+        for name in METRIC_NAMES + tuple(SEGM + n for n in METRIC_NAMES):
             if name in metrics:
                 self.writer.add_scalar(f"val/{name}", metrics[name], step)
         for name, picture in pictures:

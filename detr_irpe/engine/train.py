@@ -19,8 +19,8 @@ from ..evaluation import ClassMismatchWarning, class_mismatch
 from ..files import OutputError, free_space
 from ..models import build_detr
 from . import distributed as du
-from .checkpoint import (load_checkpoint_file, load_for_finetuning, load_model_weights, require_training_checkpoint,
-                         state_dict_from_checkpoint)
+from .checkpoint import (load_checkpoint_file, load_for_finetuning, load_frozen_weights, load_model_weights,
+                         require_training_checkpoint, state_dict_from_checkpoint)
 from .evaluate import evaluate
 from .logger import JsonlWriter, MetricLogger
 from .optim import build_optimizer, build_scheduler
@@ -40,7 +40,8 @@ class Trainer:
     epoch and RNG states are restored, so the continued run equals an uninterrupted one
     (``checkpoint``: that file already read). A new run refuses an output folder that holds
     another run (:func:`~detr_irpe.engine.run_folder.prepare_run_folder`); every listed image
-    file must exist before any training time is spent.
+    file must exist before any training time is spent. With ``train.frozen_weights`` the detector
+    is frozen (and, in a new run, loaded from that file): only the mask head trains.
     """
 
     def __init__(self, cfg: Config, resume: Optional[str] = None, quiet: bool = False,
@@ -61,6 +62,8 @@ class Trainer:
             self._say(f"num_classes from {cfg.data.train_annotations}: {cfg.model.num_classes}")
         self._report_data()
         self.model, self.criterion, self.postprocessor = build_detr(cfg.model)
+        if t.frozen_weights:  # before the optimizer is built: it takes the parameters that train
+            self.model.freeze_detr()
         self.model.to(self.device)
         self.criterion.to(self.device)
         self.optimizer = build_optimizer(self.model, t)
@@ -76,6 +79,10 @@ class Trainer:
 
         if resume:
             self._resume(resume, checkpoint)
+        elif t.frozen_weights:
+            report = load_frozen_weights(self.model, t.frozen_weights)
+            self._say(f"detector loaded from {t.frozen_weights} and frozen ({len(report.loaded)} tensors); "
+                      f"training the mask head only")
         elif t.pretrained:
             report = load_for_finetuning(self.model, state_dict_from_checkpoint(load_checkpoint_file(t.pretrained)))
             self._say(f"initialised from {t.pretrained}: {report}")
@@ -359,6 +366,8 @@ def _epoch_line(record: dict) -> str:
         parts.append(f"class_error {record['train_class_error']:.1f}")
     if "val_AP" in record:
         parts.append(f"AP {record['val_AP']:.3f}  AP50 {record['val_AP50']:.3f}  AP75 {record['val_AP75']:.3f}")
+    if "val_segm_AP" in record:
+        parts.append(f"mask AP {record['val_segm_AP']:.3f}  AP50 {record['val_segm_AP50']:.3f}")
     parts.append(f"{record.get('train_seconds', 0):.0f}s")
     return " | ".join(parts)
 

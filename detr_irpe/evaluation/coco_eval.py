@@ -1,4 +1,5 @@
-"""COCO box AP with pycocotools, over detections gathered from every process."""
+"""COCO box AP (and mask AP for a segmentation model) with pycocotools, over detections gathered
+from every process."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,7 @@ from typing import Dict, List, Mapping, Optional, Union
 import numpy as np
 import torch
 import torch.distributed as dist
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
@@ -18,6 +20,7 @@ from ..files import atomic_write_json
 
 # The 12 numbers of COCOeval.summarize() for boxes, in its order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+SEGM = "segm_"  # prefix of the mask metrics: segm_AP, ..., segm_ARl, segm_per_class_AP
 
 
 def to_coco_results(image_id: int, prediction: Mapping) -> List[dict]:
@@ -31,6 +34,28 @@ def to_coco_results(image_id: int, prediction: Mapping) -> List[dict]:
                          f"each detection needs one of each")
     return [{"image_id": image_id, "category_id": int(label), "bbox": box, "score": float(score)}
             for box, score, label in zip(boxes, scores, labels)]
+
+
+def encode_masks(masks) -> List[dict]:
+    """``(N, H, W)`` binary masks -> N COCO RLE dicts (``counts`` as a string, ready for JSON)."""
+    masks = torch.as_tensor(masks).detach().cpu().to(torch.uint8).numpy()
+    if masks.shape[0] == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in rles]
+
+
+def to_coco_segm_results(image_id: int, prediction: Mapping) -> List[dict]:
+    """One image's ``{scores (N,), labels (N,), masks (N, H, W) bool}`` (or ``segmentations``: N RLE
+    dicts, see :func:`encode_masks`) -> COCO segmentation result dicts."""
+    rles = prediction["segmentations"] if "segmentations" in prediction else encode_masks(prediction["masks"])
+    scores = torch.as_tensor(prediction["scores"]).detach().cpu().reshape(-1).tolist()
+    labels = torch.as_tensor(prediction["labels"]).detach().cpu().reshape(-1).tolist()
+    if not len(rles) == len(scores) == len(labels):
+        raise UsageError(f"image {image_id}: {len(rles)} masks, {len(scores)} scores and {len(labels)} labels; "
+                         f"each detection needs one of each")
+    return [{"image_id": image_id, "category_id": int(label), "segmentation": rle, "score": float(score)}
+            for rle, score, label in zip(rles, scores, labels)]
 
 
 def all_gather_object(obj) -> list:
@@ -69,7 +94,8 @@ def format_per_class(per_class: Mapping[str, float], columns: int = 3) -> str:
 
 
 class CocoEvaluator:
-    """Collects detections during evaluation and scores them with ``COCOeval`` (bbox).
+    """Collects detections during evaluation and scores them with ``COCOeval`` (bbox, and segm for
+    predictions that carry masks).
 
     Usage: ``update()`` with each batch's predictions, ``synchronize()`` once at the end (on
     every process, it gathers detections under DDP), then ``summarize()`` on the main process.
@@ -80,13 +106,17 @@ class CocoEvaluator:
     def __init__(self, coco_gt: COCO):
         self.coco_gt = coco_gt
         self.detections: Dict[int, List[dict]] = {}  # image id -> COCO results of that image
+        self.segmentations: Dict[int, List[dict]] = {}  # image id -> COCO segmentation results, for masks
         self.coco_eval: Optional[COCOeval] = None
+        self.coco_eval_segm: Optional[COCOeval] = None
         self.metrics: Optional[Dict] = None
 
     def update(self, predictions: Mapping[int, Mapping]) -> None:
-        """Add ``{image_id: {scores (N,), labels (N,) category ids, boxes (N, 4) xyxy}}``.
+        """Add ``{image_id: {scores (N,), labels (N,) category ids, boxes (N, 4) xyxy}}``, and for a
+        segmentation model ``masks`` (N, H, W) bool (or ``segmentations``, their RLE, see
+        :func:`encode_masks`).
 
-        Boxes are absolute pixels of the original image. An image seen again replaces its
+        Boxes and masks are in pixels of the original image. An image seen again replaces its
         earlier detections.
         """
         for image_id, prediction in predictions.items():
@@ -95,13 +125,17 @@ class CocoEvaluator:
                 raise UsageError(f"image id {image_id} is not in the ground-truth annotations; predictions must "
                                  f"be keyed by the dataset's image ids (target['image_id'])")
             self.detections[image_id] = to_coco_results(image_id, prediction)
+            if "masks" in prediction or "segmentations" in prediction:
+                self.segmentations[image_id] = to_coco_segm_results(image_id, prediction)
 
     def synchronize(self) -> None:
         """Merge the detections of every process into each (DDP); duplicates of an image collapse."""
         merged: Dict[int, List[dict]] = {}
-        for part in all_gather_object(self.detections):
-            merged.update(part)
-        self.detections = merged
+        merged_segm: Dict[int, List[dict]] = {}
+        for boxes, masks in all_gather_object((self.detections, self.segmentations)):
+            merged.update(boxes)
+            merged_segm.update(masks)
+        self.detections, self.segmentations = merged, merged_segm
 
     @property
     def image_ids(self) -> List[int]:
@@ -111,22 +145,31 @@ class CocoEvaluator:
         """Every detection in COCO results format, ordered by image id."""
         return [det for image_id in self.image_ids for det in self.detections[image_id]]
 
+    def segm_results(self) -> List[dict]:
+        """Every mask in COCO segmentation results format (RLE), ordered by image id."""
+        return [det for image_id in sorted(self.segmentations) for det in self.segmentations[image_id]]
+
     def summarize(self, output_dir: Optional[Union[str, Path]] = None, verbose: bool = True) -> Dict:
-        """Run COCOeval and return ``{AP, AP50, ..., ARl, per_class_AP: {name: AP}}``.
+        """Run COCOeval and return ``{AP, AP50, ..., ARl, per_class_AP: {name: AP}}``, and when the
+        predictions carried masks the same of the masks with the prefix ``segm_`` (``segm_AP``, ...,
+        ``segm_per_class_AP``).
 
         pycocotools reports -1 for an area range with no ground truth. With no detections at
         all every number is 0. ``verbose`` prints pycocotools' table and a per-class table;
         ``output_dir`` receives ``detections.json`` (COCO results) and ``metrics.json``.
         """
-        results = self.results()
         names = {cid: str(cat.get("name", cid)) for cid, cat in self.coco_gt.cats.items()}
-        if results:
-            metrics, table = self._evaluate(results, names)
-        else:
-            metrics, table = self._zeros(names)
+        metrics, table, self.coco_eval = self._evaluate(self.results(), names, "bbox")
         if verbose:
             print(table)
             print(format_per_class(metrics["per_class_AP"]))
+        if self.segmentations:
+            segm, table, self.coco_eval_segm = self._evaluate(self.segm_results(), names, "segm")
+            metrics.update({SEGM + k: v for k, v in segm.items()})
+            if verbose:
+                print("masks (segm):")
+                print(table)
+                print(format_per_class(segm["per_class_AP"]))
         self.metrics = metrics
         if output_dir is not None:
             self.write(output_dir)
@@ -140,21 +183,23 @@ class CocoEvaluator:
         atomic_write_json(output_dir / "detections.json", self.results())
         atomic_write_json(output_dir / "metrics.json", self.metrics, indent=2)
 
-    def _evaluate(self, results: List[dict], names: Mapping[int, str]):
+    def _evaluate(self, results: List[dict], names: Mapping[int, str], iou_type: str):
+        """``(metrics, pycocotools' table, the COCOeval)`` of ``results`` (``iou_type`` bbox or segm)."""
+        if not results:
+            return (*self._zeros(names), None)
         with contextlib.redirect_stdout(io.StringIO()):  # progress lines
             # loadRes adds keys to the dicts it is given; keep ours as written to detections.json
             coco_dt = self.coco_gt.loadRes([dict(r) for r in results])
-            coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
+            coco_eval = COCOeval(self.coco_gt, coco_dt, iouType=iou_type)
             coco_eval.params.imgIds = self.image_ids
             coco_eval.evaluate()
             coco_eval.accumulate()
         table = io.StringIO()
         with contextlib.redirect_stdout(table):
             coco_eval.summarize()
-        self.coco_eval = coco_eval
         metrics = {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
         metrics["per_class_AP"] = per_class_ap(coco_eval, names)
-        return metrics, table.getvalue().rstrip()
+        return metrics, table.getvalue().rstrip(), coco_eval
 
     def _zeros(self, names: Mapping[int, str]):
         # (getAnnIds with an empty imgIds list would return every annotation)

@@ -6,12 +6,14 @@ from .criterion import SetCriterion, detr_weight_dict
 from .detr import DETR, MLP
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine, build_position_encoding
-from .postprocess import PostProcess
+from .postprocess import PostProcess, PostProcessSegm
+from .segmentation import DETRsegm, MaskHeadSmallConv, MHAttentionMap
 from .transformer import Transformer, TransformerDecoderLayer, TransformerEncoderLayer
 
 __all__ = [
     "DETR", "MLP", "Joiner", "ResNetBackbone", "TinyBackbone", "build_backbone", "DegenerateBoxError",
     "build_detr", "resolve_model_config", "SetCriterion", "detr_weight_dict", "HungarianMatcher",
     "PositionEmbeddingLearned", "PositionEmbeddingSine", "build_position_encoding", "PostProcess",
+    "PostProcessSegm", "DETRsegm", "MaskHeadSmallConv", "MHAttentionMap",
     "Transformer", "TransformerDecoderLayer", "TransformerEncoderLayer",
 ]

@@ -4,12 +4,16 @@ Every backbone here has the same interface: ``num_channels`` (channels of the ou
 map), ``stride`` (32, or 16 for a dilated last stage or ``tiny``) and ``forward(images, mask) -> (features,
 mask)``. The module holding the layers is always ``body`` so checkpoint keys read
 ``backbone.0.body.*`` once the backbone sits inside :class:`Joiner`.
+
+DETR's mask head also reads the features at strides 4, 8 and 16 (ResNet's ``layer1``-``layer3``):
+``levels(images, mask, interm=True)`` returns them before the last feature map, each with its
+padding mask; ``interm_channels`` are their channel counts.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torchvision
@@ -45,7 +49,37 @@ def _nearest_source_indices(n_in: int, n_out: int, device) -> Tensor:
     return source.clamp(max=n_in - 1)
 
 
-class ResNetBackbone(nn.Module):
+Level = Tuple[Tensor, Tensor]  # features (B, C, h, w) and their padding mask (B, h, w), True = padding
+
+
+class _Backbone(nn.Module):
+    """What every backbone shares: ``body`` (an ``nn.Sequential`` of named stages), ``interm_layers``
+    (the stages whose outputs are the stride 4, 8 and 16 features) and their ``interm_channels``."""
+
+    interm_layers: Tuple[str, ...] = ()
+    interm_channels: Tuple[int, ...] = ()
+
+    def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+        """images ``(B, 3, H, W)``, mask ``(B, H, W)`` bool (True = padding) -> features
+        ``(B, num_channels, h, w)`` and their mask ``(B, h, w)``."""
+        features = self.body(images)
+        return features, mask_to_feature(mask, features.shape[-2:])
+
+    def levels(self, images: Tensor, mask: Tensor, interm: bool = False) -> List[Level]:
+        """``[(features, mask)]`` of the last stage, preceded with ``interm`` by those of
+        ``interm_layers`` (strides 4, 8, 16), each mask resized from ``mask`` as in :meth:`forward`."""
+        if not interm:
+            return [self(images, mask)]
+        outputs, x = [], images
+        for name, stage in self.body.named_children():  # the same modules, in the same order, as body(images)
+            x = stage(x)
+            if name in self.interm_layers:
+                outputs.append(x)
+        outputs.append(x)
+        return [(f, mask_to_feature(mask, f.shape[-2:])) for f in outputs]
+
+
+class ResNetBackbone(_Backbone):
     """A torchvision ResNet up to its last stage (stride 32, or 16 with ``dilation``).
 
     Batch norm is frozen (``FrozenBatchNorm2d``: statistics and affine parameters are buffers).
@@ -79,14 +113,11 @@ class ResNetBackbone(nn.Module):
         for pname, param in self.body.named_parameters():
             if not train_backbone or not pname.startswith(TRAINABLE_STAGES):
                 param.requires_grad_(False)
-        self.num_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        basic = name in ("resnet18", "resnet34")
+        self.num_channels = 512 if basic else 2048
         self.stride = 16 if dilation else 32
-
-    def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
-        """images ``(B, 3, H, W)``, mask ``(B, H, W)`` bool (True = padding) ->
-        features ``(B, num_channels, h, w)`` and their mask ``(B, h, w)``."""
-        features = self.body(images)
-        return features, mask_to_feature(mask, features.shape[-2:])
+        self.interm_layers = ("layer1", "layer2", "layer3")
+        self.interm_channels = (64, 128, 256) if basic else (256, 512, 1024)
 
 
 def _wants_weights(weights: str) -> bool:
@@ -137,7 +168,7 @@ def _read_state_file(weights: str, hint: str) -> dict:
     return state
 
 
-class TinyBackbone(nn.Module):
+class TinyBackbone(_Backbone):
     """A small plain CNN trained from scratch: seven conv-BN-ReLU layers, stride 16.
 
     Meant for CPU demos where a ResNet is too slow. Batch norm is the ordinary trainable kind.
@@ -171,11 +202,15 @@ class TinyBackbone(nn.Module):
             param.requires_grad_(train_backbone)
         self.num_channels = in_ch
         self.stride = stride
-
-    def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
-        """images ``(B, 3, H, W)``, mask ``(B, H, W)`` -> ``(B, num_channels, h, w)``, ``(B, h, w)``."""
-        features = self.body(images)
-        return features, mask_to_feature(mask, features.shape[-2:])
+        # the last stage at each of the strides 4, 8 and 16 (the mask head's inputs)
+        last_at = {}
+        total = 1
+        for i, (out_ch, layer_stride) in enumerate(layers):
+            total *= layer_stride
+            last_at[total] = (f"stage{i}", out_ch)
+        found = [last_at[s] for s in (4, 8, 16) if s in last_at]
+        self.interm_layers = tuple(name for name, _ in found)
+        self.interm_channels = tuple(ch for _, ch in found)
 
 
 def _load_tiny_weights(backbone: TinyBackbone, weights: str) -> None:
@@ -212,29 +247,45 @@ class Joiner(nn.Sequential):
         padded to a common size, with the mask. An image's features, and so its detections, then do
         not depend on what it is batched with.
         """
-        if not batched_backbone and images.shape[0] > 1:
-            features, mask = self._features_per_image(images, mask)
-        else:
-            features, mask = self[0](images, mask)
-        pos = self[1](mask).to(features.dtype)
+        levels, pos = self.levels(images, mask, batched_backbone)
+        features, mask = levels[-1]
         return features, mask, pos
 
-    def _features_per_image(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+    def levels(self, images: Tensor, mask: Tensor, batched_backbone: bool = True,
+               interm: bool = False) -> Tuple[List[Level], Tensor]:
+        """:meth:`forward` with every level: ``[(features, mask)]`` of the last feature map, preceded
+        with ``interm`` by the stride 4, 8 and 16 features (see the CNN's ``levels``), and the
+        position encoding of the last. With ``batched_backbone=False`` each level is padded from the
+        images' own feature maps, and its mask says each image's own region."""
+        if not batched_backbone and images.shape[0] > 1:
+            levels = self._levels_per_image(images, mask, interm)
+        else:
+            levels = self[0].levels(images, mask, interm)
+        features, mask = levels[-1]
+        return levels, self[1](mask).to(features.dtype)
+
+    def _levels_per_image(self, images: Tensor, mask: Tensor, interm: bool) -> List[Level]:
         parts = []
         for image, pad in zip(images, mask):
             rows, cols = (~pad).any(1).nonzero(), (~pad).any(0).nonzero()
             h = int(rows[-1]) + 1 if len(rows) else 1
             w = int(cols[-1]) + 1 if len(cols) else 1
-            parts.append(self[0](image[None, :, :h, :w], pad[None, :h, :w]))
-        height = max(f.shape[-2] for f, _ in parts)
-        width = max(f.shape[-1] for f, _ in parts)
-        first = parts[0][0]
-        features = first.new_zeros(len(parts), first.shape[1], height, width)
-        feature_mask = torch.ones(len(parts), height, width, dtype=torch.bool, device=mask.device)
-        for i, (f, m) in enumerate(parts):
-            features[i, :, : f.shape[-2], : f.shape[-1]] = f[0]
-            feature_mask[i, : f.shape[-2], : f.shape[-1]] = m[0]
-        return features, feature_mask
+            parts.append(self[0].levels(image[None, :, :h, :w], pad[None, :h, :w], interm))
+        return [_pad_level([part[level] for part in parts], mask.device) for level in range(len(parts[0]))]
+
+
+def _pad_level(parts: List[Level], device) -> Level:
+    """One level of every image, ``[((1, C, h_i, w_i), (1, h_i, w_i))]``, padded at the bottom / right
+    into ``(B, C, h, w)`` zeros and a ``(B, h, w)`` mask, True on the padding."""
+    height = max(f.shape[-2] for f, _ in parts)
+    width = max(f.shape[-1] for f, _ in parts)
+    first = parts[0][0]
+    features = first.new_zeros(len(parts), first.shape[1], height, width)
+    feature_mask = torch.ones(len(parts), height, width, dtype=torch.bool, device=device)
+    for i, (f, m) in enumerate(parts):
+        features[i, :, : f.shape[-2], : f.shape[-1]] = f[0]
+        feature_mask[i, : f.shape[-2], : f.shape[-1]] = m[0]
+    return features, feature_mask
 
 
 def build_backbone(name: str, weights: str = "none", train_backbone: bool = True,

@@ -12,6 +12,7 @@ from .detr import DETR
 from .matcher import HungarianMatcher
 from .position_encoding import build_position_encoding
 from .postprocess import PostProcess
+from .segmentation import DETRsegm
 from .transformer import Transformer
 
 
@@ -45,8 +46,11 @@ def resolve_model_config(config: Union[None, ModelConfig, Config] = None, **over
 
 
 def build_detr(config: Union[None, ModelConfig, Config] = None,
-               **overrides) -> Tuple[DETR, SetCriterion, PostProcess]:
+               **overrides) -> Tuple[Union[DETR, DETRsegm], SetCriterion, PostProcess]:
     """Build the detector, its training criterion and its post-processor.
+
+    With ``masks=True`` the detector is a :class:`~detr_irpe.models.segmentation.DETRsegm` (DETR
+    with its mask head), the criterion adds the mask losses and the post-processor the masks.
 
     Args:
         config: a :class:`ModelConfig`, a full :class:`Config` (its ``model`` is used) or None
@@ -68,8 +72,12 @@ def build_detr(config: Union[None, ModelConfig, Config] = None,
     )
     model = DETR(backbone, transformer, cfg.num_classes, cfg.num_queries, aux_loss=cfg.aux_loss,
                  query_groups=cfg.query_groups)
+    if cfg.masks:
+        model = DETRsegm(model)
     matcher = HungarianMatcher(cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou)
     num_aux = cfg.dec_layers - 1 if cfg.aux_loss else 0
-    weight_dict = detr_weight_dict(cfg.ce_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef, num_aux)
+    weight_dict = detr_weight_dict(cfg.ce_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef, num_aux,
+                                   masks=cfg.masks, mask_loss_coef=cfg.mask_loss_coef,
+                                   dice_loss_coef=cfg.dice_loss_coef)
     criterion = SetCriterion(cfg.num_classes, matcher, weight_dict, eos_coef=cfg.eos_coef)
     return model, criterion, PostProcess()

@@ -1,4 +1,4 @@
-"""DETR's set prediction loss: Hungarian matching, then classification and box losses."""
+"""DETR's set prediction loss: Hungarian matching, then classification, box and (segmentation) mask losses."""
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from ..config import ConfigError
 
@@ -19,13 +19,34 @@ Indices = List[Tuple[Tensor, Tensor]]
 
 
 def detr_weight_dict(ce_loss_coef: float = 1.0, bbox_loss_coef: float = 5.0, giou_loss_coef: float = 2.0,
-                     num_aux: int = 0) -> Dict[str, float]:
-    """Loss weights for the final layer and ``num_aux`` auxiliary decoder layers (suffix ``_i``)."""
+                     num_aux: int = 0, masks: bool = False, mask_loss_coef: float = 1.0,
+                     dice_loss_coef: float = 1.0) -> Dict[str, float]:
+    """Loss weights for the final layer and ``num_aux`` auxiliary decoder layers (suffix ``_i``);
+    with ``masks`` also ``loss_mask`` and ``loss_dice``, of the final layer only (the auxiliary
+    outputs have no masks, as in DETR)."""
     final = {"loss_ce": ce_loss_coef, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
     weights = dict(final)
     for i in range(num_aux):
         weights.update({f"{k}_{i}": v for k, v in final.items()})
+    if masks:
+        weights.update({"loss_mask": mask_loss_coef, "loss_dice": dice_loss_coef})
     return weights
+
+
+def dice_loss(logits: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
+    """DICE loss ``1 - (2 |p t| + 1) / (|p| + |t| + 1)`` of each row (``p = sigmoid(logits)``), summed
+    over the rows and divided by ``num_boxes``. ``logits``, ``targets``: ``(N, pixels)``."""
+    probs = logits.sigmoid()
+    numerator = 2 * (probs * targets).sum(1)
+    denominator = probs.sum(1) + targets.sum(1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_boxes
+
+
+def focal_loss(logits: Tensor, targets: Tensor, num_boxes: float, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Sigmoid focal loss (RetinaNet) averaged over the pixels of each row, summed over the rows and
+    divided by ``num_boxes``. ``logits``, ``targets``: ``(N, pixels)``."""
+    loss = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
+    return loss.mean(1).sum() / num_boxes
 
 
 class SetCriterion(nn.Module):
@@ -42,6 +63,11 @@ class SetCriterion(nn.Module):
     * ``cardinality_error`` (logged, no gradient): |number of non-"no object" predictions -
       number of targets|, averaged over images.
     * ``class_error`` (final layer only, logged): 100 - top-1 accuracy (%) on matched queries.
+    * ``loss_mask`` and ``loss_dice`` (final layer only, when the outputs have ``pred_masks``): the
+      matched masks, upsampled bilinearly to the targets' padded size, against the target masks
+      (padded with zeros to the largest image of the batch): sigmoid focal loss (alpha 0.25,
+      gamma 2) averaged over pixels, and DICE loss; each summed over the matched masks and
+      normalised like the box losses.
 
     Auxiliary layer ``i`` gets the same keys with suffix ``_i``. Outputs with ``query_groups``
     G (Group DETR training) are matched group by group, each target once per group, and the box
@@ -74,7 +100,8 @@ class SetCriterion(nn.Module):
         Args:
             outputs: the model's output dict (``pred_logits``, ``pred_boxes``, optional ``aux_outputs``).
             targets: per image ``labels`` ``(N_i,)`` int64 in ``[0, num_classes)`` and ``boxes``
-                ``(N_i, 4)`` normalised cxcywh.
+                ``(N_i, 4)`` normalised cxcywh; for outputs with ``pred_masks`` also ``masks``
+                ``(N_i, H_i, W_i)`` (uint8 or bool) at the image's size.
 
         Returns:
             A dict of scalar tensors; combine with :meth:`weighted_loss`.
@@ -86,6 +113,8 @@ class SetCriterion(nn.Module):
             num_boxes = self._num_boxes(targets, device) * groups
             losses, indices = self._layer_losses(outputs, targets, num_boxes, groups)
             losses["class_error"] = self.class_error(at_least_float32(outputs["pred_logits"]), targets, indices)
+            if "pred_masks" in outputs:
+                losses.update(self.loss_masks(at_least_float32(outputs["pred_masks"]), targets, indices, num_boxes))
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
                 aux_losses, _ = self._layer_losses(aux, targets, num_boxes, groups)
                 losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
@@ -135,6 +164,26 @@ class SetCriterion(nn.Module):
         loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
         loss_giou = generalized_box_iou_loss(cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt), reduction="sum") / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def loss_masks(self, masks: Tensor, targets: Targets, indices: Indices, num_boxes: float) -> Dict[str, Tensor]:
+        """Focal and DICE losses of the matched masks of ``masks`` ``(B, Q, h, w)`` (logits), each summed
+        and divided by ``num_boxes``."""
+        if any("masks" not in t for t in targets):
+            raise ConfigError("the model predicts masks (model.masks=true) but the targets have none: load the "
+                              "dataset with masks (build_dataset(..., masks=True))")
+        batch_idx, query_idx = _matched(indices)
+        src = masks[batch_idx, query_idx]  # (M, h, w)
+        height = max(int(t["masks"].shape[-2]) for t in targets)
+        width = max(int(t["masks"].shape[-1]) for t in targets)
+        tgt = src.new_zeros(len(src), height, width)
+        row = 0
+        for t, (_, j) in zip(targets, indices):
+            matched = t["masks"][j.to(t["masks"].device)]
+            tgt[row:row + len(matched), :matched.shape[-2], :matched.shape[-1]] = matched.to(tgt)
+            row += len(matched)
+        src = F.interpolate(src[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+        src, tgt = src.flatten(1), tgt.flatten(1)
+        return {"loss_mask": focal_loss(src, tgt, num_boxes), "loss_dice": dice_loss(src, tgt, num_boxes)}
 
     @torch.no_grad()
     def cardinality_error(self, logits: Tensor, targets: Targets) -> Tensor:

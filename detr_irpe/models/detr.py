@@ -1,7 +1,8 @@
 """The DETR detector: backbone, transformer and the class / box prediction heads."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,33 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
+
+
+@dataclass
+class DecoderPass:
+    """One pass of a batch through the backbone and the transformer: what the heads read.
+
+    Attributes:
+        hs: every decoder layer's output ``(num_decoder_layers, B, Q, C)``.
+        memory: the encoder output ``(B, C, h, w)``.
+        projected: the transformer's input, ``input_proj`` of the last feature map ``(B, C, h, w)``.
+        levels: the backbone's ``[(features, mask)]``: the stride 4, 8 and 16 features when asked
+            for (``interm``), then the last feature map; masks ``(B, h_l, w_l)``, True = padding.
+        attention: the attention maps (``return_attention``), else None.
+        groups: query groups in this pass (Group DETR training), else 1.
+    """
+
+    hs: Tensor
+    memory: Tensor
+    projected: Tensor
+    levels: List[Tuple[Tensor, Tensor]]
+    attention: Optional[Dict[str, List[Tensor]]] = None
+    groups: int = 1
+
+    @property
+    def mask(self) -> Tensor:
+        """``(B, h, w)`` padding mask of the transformer's feature map."""
+        return self.levels[-1][1]
 
 
 class DETR(nn.Module):
@@ -84,24 +112,36 @@ class DETR(nn.Module):
             ``query_groups`` says so.
         """
         images, mask = _as_batch(images, mask)
-        features, mask, pos = self.backbone(images, mask, batched_backbone=batched_backbone)
+        return self.head_outputs(self.run(images, mask, return_attention, batched_backbone))
+
+    def run(self, images: Tensor, mask: Tensor, return_attention: bool = False, batched_backbone: bool = True,
+            interm: bool = False) -> DecoderPass:
+        """Backbone and transformer on a padded batch ``(B, 3, H, W)`` with its mask ``(B, H, W)``
+        (arguments as :meth:`forward`; ``interm``: keep the backbone's stride 4, 8, 16 features too)."""
+        levels, pos = self.backbone.levels(images, mask, batched_backbone, interm)
+        features, mask = levels[-1]
         queries, query_mask, groups = self.query_embed.weight, None, 1
         if self.training and self.query_groups > 1:
             groups = self.query_groups
             queries = torch.cat([queries, self.group_query_embed.weight])
             query_mask = group_mask(self.num_queries, groups, queries.device)
-        hs, _, attention = self.transformer(self.input_proj(features), mask, queries, pos,
-                                            return_attention=return_attention, query_mask=query_mask)
-        logits = self.class_embed(hs)  # (L, B, Q, K + 1)
-        boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
+        projected = self.input_proj(features)
+        hs, memory, attention = self.transformer(projected, mask, queries, pos, return_attention=return_attention,
+                                                 query_mask=query_mask)
+        return DecoderPass(hs, memory, projected, levels, attention, groups)
+
+    def head_outputs(self, run: DecoderPass, aux_loss: Optional[bool] = None) -> Dict[str, object]:
+        """The output dict of :meth:`forward` from a :meth:`run` (``aux_loss`` overrides the model's)."""
+        logits = self.class_embed(run.hs)  # (L, B, Q, K + 1)
+        boxes = self.bbox_embed(run.hs).sigmoid()  # (L, B, Q, 4)
         out: Dict[str, object] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
+        if self.aux_loss if aux_loss is None else aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
-        if return_attention:
-            out["attention"] = attention
-            out["feature_hw"] = tuple(features.shape[-2:])
-        if groups > 1:
-            out["query_groups"] = groups
+        if run.attention is not None:
+            out["attention"] = run.attention
+            out["feature_hw"] = tuple(run.projected.shape[-2:])
+        if run.groups > 1:
+            out["query_groups"] = run.groups
         return out
 
 
