@@ -121,6 +121,43 @@ def test_choose_impl_truth_table(impl, spec, device, dtype, dropout, weights, ma
         assert not asked
 
 
+# the rows of rpe_impl="triton" (and auto beside it): (rpe_impl, spec, device, dtype, need_weights, tracing,
+# why the Triton kernel cannot serve the call or None) -> result or the exception raised
+BF16 = torch.bfloat16
+TRITON_DISPATCH = [
+    ("triton", K, "cuda", F32, False, "export", None, "export"),
+    ("triton", K, "cuda", F32, True, "", None, "sdpa"),
+    ("triton", None, "cuda", F32, False, "", None, "sdpa"),
+    ("triton", K, "cuda", BF16, False, "", None, "triton"),
+    ("triton", K, "cpu", F32, False, "", None, "triton"),  # the interpreter (TRITON_INTERPRET=1)
+    ("triton", K, "cpu", F32, False, "", "triton's interpreter is off", RuntimeError),
+    ("auto", K, "cuda", BF16, False, "", None, "sdpa"),  # auto keeps SDPA until triton is measured on a GPU
+    ("auto", K, "cuda", F32, False, "", None, "sdpa"),
+]
+
+
+@pytest.mark.parametrize("impl, spec, device, dtype, weights, tracing, refusal, want", TRITON_DISPATCH)
+def test_choose_impl_rows_of_the_triton_kernel(impl, spec, device, dtype, weights, tracing, refusal, want):
+    args = (impl, as_rpe_config(spec), device, dtype, 0.1, True, weights, False, lambda: True, tracing)
+    if isinstance(want, type):
+        with pytest.raises(want, match=f"rpe_impl='triton' cannot serve this call: {refusal}"):
+            choose_impl(*args, triton_refusal=lambda: refusal)
+    else:
+        assert choose_impl(*args, triton_refusal=lambda: refusal) == want
+
+
+def test_the_triton_kernel_names_why_it_cannot_serve_a_call():
+    from detr_irpe.irpe.attention import triton_refusal
+
+    cfg = as_rpe_config(K)
+    assert "float64" in triton_refusal(cfg, "cuda", F64, 32, 0.0)
+    assert triton_refusal(cfg, "cpu", F32, 32, 0.0) is not None  # no interpreter in this process
+    attn = RPEMultiheadAttention(16, 2, rpe=K, rpe_impl="triton")
+    x = torch.randn(6, 1, 16)
+    with pytest.raises(RuntimeError, match="rpe_impl='triton' cannot serve this call"):
+        attn(x, x, x, hw=(2, 3))
+
+
 def test_choose_impl_without_irpe_needs_self_attention():
     assert choose_impl("auto", None, "cpu", F32, 0.1, False, False, False, lambda: True) == "sdpa"
 

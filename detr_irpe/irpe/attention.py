@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import chunked, native
+from . import chunked, native, triton_kernel
 from .buckets import BucketCache, bucket_ids_2d
 from .spec import RPEConfig, as_rpe_config
 from .tables import RPETable, build_table
 
-RPE_IMPLS = ("auto", "native", "chunked", "sdpa")
+RPE_IMPLS = ("auto", "native", "chunked", "sdpa", "triton")
+KERNELS = {"native": native, "chunked": chunked, "triton": triton_kernel}  # the blockwise kernels by name
 
 
 class RPEMultiheadAttention(nn.Module):
@@ -45,9 +46,15 @@ class RPEMultiheadAttention(nn.Module):
       cannot be built.
     * ``"sdpa"``: the iRPE terms go to SDPA as a ``(B, H, L, L)`` float mask (the weights are
       formed explicitly for an encoding on values).
+    * ``"triton"``: the fused GPU kernel (:mod:`.triton_kernel`): flash-attention forward and
+      backward reading the iRPE terms from the tables inside the kernel, fp32 / bf16 / fp16, head
+      dims 32 and 64, dropout in the kernel. On CUDA (compute capability 8.0+), or on CPU tensors
+      through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before import (tests).
+      Opt-in: proven against the float64 reference through the interpreter and compiled for
+      sm_80 / sm_90, not yet measured on a GPU.
     * ``"auto"`` (default): ``"native"`` on CPU if it could be built and its int16 bucket ids hold
       the tables (at most 2^15 buckets: the product method up to ratio 45.4), else ``"chunked"``;
-      ``"sdpa"`` on other devices.
+      ``"sdpa"`` on other devices (until ``"triton"`` has been measured there).
 
     ``need_weights=True`` or an ``attn_mask`` always takes the explicit / SDPA path, and so does
     an export (``torch.export``, ``torch.onnx.export(..., dynamo=True)``), as explicit weights,
@@ -179,12 +186,13 @@ class RPEMultiheadAttention(nn.Module):
             raise ValueError(f"iRPE is defined for self-attention; got {L} queries and {S} keys")
         impl = choose_impl(self.rpe_impl, self.rpe_config, q.device.type, q.dtype, p, self_attention=S == L,
                            need_weights=need_weights, attn_mask=attn_mask is not None,
-                           kernel_available=lambda: native.load() is not None, tracing=tracing_mode())
+                           kernel_available=lambda: native.load() is not None, tracing=tracing_mode(),
+                           triton_refusal=lambda: triton_refusal(self.rpe_config, q.device.type, q.dtype,
+                                                                 self.head_dim, p))
         if self.rpe_config is not None:
             get_ids, grid = self._bucket_lookup(hw, L, query.device, in_graph=impl == "export")
-        if impl in ("native", "chunked"):
-            kernel = native if impl == "native" else chunked
-            out = self._blockwise(kernel, q, k, v, key_padding_mask, get_ids, grid, p)
+        if impl in KERNELS:
+            out = self._blockwise(KERNELS[impl], q, k, v, key_padding_mask, get_ids, grid, p)
             return self.out_proj(out.permute(2, 0, 1, 3).reshape(L, B, C)), None
         if self.rpe_k is not None:
             bias = self.rpe_k.logits(q * scale, get_ids)
@@ -219,7 +227,8 @@ class RPEMultiheadAttention(nn.Module):
 
     def _blockwise(self, kernel, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
                    get_ids, grid: Optional[Tuple[int, int]], dropout: float) -> Tensor:
-        """The :mod:`.native` or :mod:`.chunked` kernel; q, k, v and the result are ``(B, H, L, D)``."""
+        """A blockwise kernel (:mod:`.native`, :mod:`.chunked`, :mod:`.triton_kernel`); q, k, v and the
+        result are ``(B, H, L, D)``."""
         B, H, L, _ = q.shape
         pad = None
         if key_padding_mask is not None:
@@ -248,25 +257,42 @@ def tracing_mode() -> str:
     return "torchscript" if torch.jit.is_tracing() else ""
 
 
+def triton_refusal(config: Optional[RPEConfig], device_type: str, dtype: torch.dtype, head_dim: int,
+                   dropout: float) -> Optional[str]:
+    """Why the Triton kernel cannot serve a call (no triton, no GPU nor interpreter, a dtype, head dim
+    or table size it lacks), or None if it can."""
+    if dtype not in triton_kernel.DTYPES:
+        return f"it computes in float32, bfloat16 or float16, not {dtype}"
+    return triton_kernel.available(device_type) or (
+        triton_kernel.represents(config, head_dim, dropout) if config is not None else None)
+
+
 def choose_impl(rpe_impl: str, config: Optional[RPEConfig], device_type: str, dtype: torch.dtype, dropout: float,
                 self_attention: bool, need_weights: bool, attn_mask: bool,
-                kernel_available: Callable[[], bool], tracing: str = "") -> str:
-    """Which computation serves one attention call: ``"native"``, ``"chunked"``, ``"sdpa"`` or ``"export"``.
+                kernel_available: Callable[[], bool], tracing: str = "",
+                triton_refusal: Callable[[], Optional[str]] = lambda: "not asked") -> str:
+    """Which computation serves one attention call: ``"native"``, ``"chunked"``, ``"triton"``,
+    ``"sdpa"`` or ``"export"``.
 
     ``"sdpa"`` is SDPA, or the explicit weights where they are needed (``need_weights``, iRPE on
     values). ``"export"`` is the explicit computation (logits, softmax, weights times values; SDPA's
     decomposition breaks on symbolic strides) with the bucket ids computed inside the traced graph
     from the feature-map size instead of read from the cache. ``kernel_available()`` says
-    whether the compiled kernel could be built; it is called (and the kernel built) only where the
-    answer matters. ``tracing`` is :func:`tracing_mode`'s answer. Rows are tried in order:
+    whether the compiled CPU kernel could be built, ``triton_refusal()`` why the Triton kernel
+    cannot serve the call (None: it can); each is called only where the answer matters (the CPU
+    kernel is built then). ``tracing`` is :func:`tracing_mode`'s answer. Rows are tried in order:
 
     ========================  ====  ==================================================  ============
     rpe_impl                  iRPE  condition                                           result
     ========================  ====  ==================================================  ============
     any                       any   tracing == "export"                                 export
     any                       yes   tracing == "torchscript"                            RuntimeError
-    any                       any   need_weights, attn_mask, or dtype not fp32 / fp64   sdpa
+    any                       any   need_weights or attn_mask                           sdpa
     sdpa                      any                                                       sdpa
+    triton                    no                                                        sdpa
+    triton                    yes   the Triton kernel can serve the call                triton
+    triton                    yes   otherwise (the reason)                              RuntimeError
+    any                       any   dtype not fp32 / fp64                               sdpa
     auto / native             no    CPU self-attention, dropout > 0, kernel available   native
     any                       no    otherwise                                           sdpa
     chunked                   yes                                                       chunked
@@ -278,12 +304,13 @@ def choose_impl(rpe_impl: str, config: Optional[RPEConfig], device_type: str, dt
     auto                      yes   otherwise (no kernel, or too many buckets)          chunked
     ========================  ====  ==================================================  ============
 
-    Without iRPE the kernel serves only CPU training with dropout, where SDPA has no flash kernel
-    and forms the full weights. Its bucket ids are int16, so larger tables (the product method
-    from ratio 45.5 on) take the row-chunked kernel. Neither the compiled kernel nor the
-    row-chunked autograd Function can be traced, so an export takes the ``"export"`` path whatever
-    ``rpe_impl`` asks for (all paths compute the same attention). ``torch.jit.trace`` would
-    record the bucket ids of the trace size as constants, so an iRPE layer refuses it.
+    Without iRPE the CPU kernel serves only CPU training with dropout, where SDPA has no flash
+    kernel and forms the full weights; SDPA's own fused kernels serve plain attention on a GPU.
+    The CPU kernel's bucket ids are int16, so larger tables (the product method from ratio 45.5
+    on) take the row-chunked kernel. ``auto`` keeps SDPA on GPUs until the Triton kernel has been
+    measured there. No blockwise kernel can be traced, so an export takes the ``"export"`` path
+    whatever ``rpe_impl`` asks for (all paths compute the same attention). ``torch.jit.trace``
+    would record the bucket ids of the trace size as constants, so an iRPE layer refuses it.
     """
     if tracing == "export":
         return "export"
@@ -292,7 +319,17 @@ def choose_impl(rpe_impl: str, config: Optional[RPEConfig], device_type: str, dt
                            f"torch.onnx.export(..., dynamo=False), which uses it): the bucket ids would be "
                            f"frozen at the trace size. Use torch.export / torch.onnx.export(..., dynamo=True), "
                            f"or detr_irpe.export")
-    if need_weights or attn_mask or dtype not in (torch.float32, torch.float64) or rpe_impl == "sdpa":
+    if need_weights or attn_mask or rpe_impl == "sdpa":
+        return "sdpa"
+    if rpe_impl == "triton":
+        if config is None:
+            return "sdpa"
+        reason = triton_refusal()
+        if reason is not None:
+            raise RuntimeError(f"rpe_impl='triton' cannot serve this call: {reason}. Use rpe_impl='auto' (or "
+                               f"model.rpe_impl=auto) for the other paths")
+        return "triton"
+    if dtype not in (torch.float32, torch.float64):
         return "sdpa"
     if config is None:
         plain = dropout > 0 and self_attention and device_type == "cpu" and rpe_impl != "chunked"

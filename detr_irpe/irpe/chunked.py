@@ -11,44 +11,18 @@ attention does. Memory: O(B H L (head_dim + num_buckets)) plus one (B, H, rows, 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .plan import Plan, Term, sum_heads
 
 # Rows per block: enough for about 2**19 logits (2 MiB in float32; fewer make Python's per-block
 # overhead show), and at least 32 (thinner blocks make the matrix products slow). Measured on
 # a 2-core CPU at DETR sizes; the buffers stay about twice the size of q.
 CHUNK_ELEMENTS = 1 << 19
 MIN_ROWS = 32
-
-
-class Term(NamedTuple):
-    """One lookup table as the row-chunked kernel sees it.
-
-    which: ``q``, ``k`` or ``v``; mode: ``bias`` or ``contextual``; ids: ``(L, L)`` bucket ids
-    ``b(i, j)`` of the table's method; position: index of its parameter among the tables.
-    grid, constant_along: for a ``cross`` table on an ``(h, w)`` grid without skip tokens, whose
-    bucket depends on the row offset only (constant along key columns: -1) or on the column
-    offset only (constant along key rows: -2); then the kernel gathers and scatters ``(n, h)``
-    or ``(n, w)`` values per block, not ``(n, h * w)``.
-    """
-    which: str
-    mode: str
-    ids: Tensor
-    position: int
-    grid: Optional[Tuple[int, int]] = None
-    constant_along: int = 0
-    factors: Optional[Tuple[Tensor, Tensor, int]] = None  # separable ids, for the fused kernel only
-
-
-class Plan(NamedTuple):
-    terms: Tuple[Term, ...]
-    scale: float
-    pad: Optional[Tensor]  # (B, 1, 1, L) bool, True = padded key; None when no key is padded
-    dropout: float
-    seed: int  # of the dropout masks, so that backward draws the same ones
-    rows: int  # query rows per block
 
 
 def make_plan(tables, get_ids, grid: Tuple[int, int], skip: int, shape: Tuple[int, ...], scale: float,
@@ -67,11 +41,6 @@ def make_plan(tables, get_ids, grid: Tuple[int, int], skip: int, shape: Tuple[in
 def run(plan: Plan, q: Tensor, k: Tensor, v: Tensor, tables) -> Tensor:
     """:class:`RowChunkedAttention` of ``(B, H, L, D)`` q, k, v with the plan's ``tables``."""
     return RowChunkedAttention.apply(plan, q, k, v, *tables)
-
-
-def sum_heads(grad: Tensor, table_heads: int) -> Tensor:
-    """``(H, ...)`` per-head gradient, summed over heads for a table shared by all heads."""
-    return grad.sum(0, keepdim=True) if table_heads == 1 else grad
 
 
 def _generator(plan: Plan, device) -> Optional[torch.Generator]:

@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .chunked import Plan, Term, sum_heads
+from .plan import Plan, Term, sum_heads
 from .spec import RPEConfig
 
 
@@ -221,7 +221,7 @@ def _padding(plan: Plan, batch: int, length: int) -> Tensor:
 class FusedRPEAttention(torch.autograd.Function):
     """:class:`.chunked.RowChunkedAttention` by the compiled kernel (its own dropout masks).
 
-    Inputs: a :class:`.chunked.Plan` whose terms carry int16 ids as the kernel reads them
+    Inputs: a :class:`.plan.Plan` whose terms carry int16 ids as the kernel reads them
     (transposed for a term on queries), q, k, v ``(B, H, L, D)`` and the tables its terms name.
     Returns ``(B, H, L, D)``.
     """
