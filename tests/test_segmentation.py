@@ -30,7 +30,7 @@ from helpers import COCO, TINY, run_tool, tiny_overrides, tool
 from test_faults import sigterm_after
 from test_models import official_detr_r50_shapes
 
-# the tiny model with a mask head: its group norms (8 groups) need hidden_dim 128 with 8 heads
+# the tiny model with a mask head: hidden_dim 128 with 8 heads gives every group norm DETR's 8 groups
 SEG = {**TINY, "hidden_dim": 128, "nheads": 8, "masks": True}
 SEG_OVERRIDES = {"model.masks": "true", "model.hidden_dim": 128, "model.nheads": 8}
 RPE = "rpe-2.0-product-ctx-1-k"
@@ -194,8 +194,8 @@ def test_an_official_detrsegm_checkpoint_loads_strictly(tmp_path, rpe, with_args
 
 
 def test_mask_config_problems_are_named():
-    with pytest.raises(ConfigError, match="group norms"):
-        build_detr(**{**TINY, "masks": True})  # hidden_dim 32, 4 heads: 36 channels
+    with pytest.raises(ConfigError, match="hidden_dim >= 16"):
+        build_detr(**{**TINY, "hidden_dim": 8, "nheads": 2, "masks": True})  # 8 / 16 = 0 channels
     with pytest.raises(ConfigError, match="query_groups=1"):
         build_detr(**{**SEG, "query_groups": 2})
     with pytest.raises(ConfigError, match="set model.masks=true"):

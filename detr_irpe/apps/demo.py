@@ -9,8 +9,14 @@ the same model, so the AP a user gets is the README's, up to floating-point diff
 CPUs. ``budget_minutes`` is an optional cap on pretraining + training; a run it cuts short says
 so. The same code uses a GPU when ``train.device=auto`` finds one.
 
+With ``masks`` (``demo --masks``) a third stage follows, DETR's second stage of instance
+segmentation: the mask head trained on the demo's detector, frozen (``train.frozen_weights``),
+on the fixed schedule :data:`MASK_STAGE`, into ``<output_dir>/masks``; then mask AP and pictures
+with the masks drawn.
+
     from detr_irpe.apps.demo import DemoSettings, run_demo
     summary = run_demo(DemoSettings(overrides=["model.rpe=null"]))
+    summary = run_demo(DemoSettings(masks=True))      # summary["masks"]: mask AP, iterations, paths
 """
 from __future__ import annotations
 
@@ -25,10 +31,26 @@ from ..engine.distributed import pick_device
 from ..engine.pretrain import pretrain_for_run
 from ..engine.run_folder import run_files
 from ..engine.train import Trainer
+from ..errors import InputNotFoundError, UsageError
 from ..files import atomic_write_json, fresh_folder
 from . import pictures
 
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
+MASKS_FOLDER = "masks"  # the mask stage's run, inside the demo's output folder
+# The mask stage of ``demo --masks``: the demo's config (and the user's overrides) with these on top,
+# the same schedule on every machine. Only the mask head trains (3 epochs x 500 iterations of batch 8,
+# half the detector's 3000); benchmarks/README.md has the run behind these values.
+MASK_STAGE = {
+    "model.masks": "true",
+    "model.query_groups": 1,  # one mask per query of DETR (the detector's extra training groups are left out)
+    "model.backbone_weights": "none",  # the frozen detector's checkpoint holds the backbone
+    "train.pretrain_iterations": 0,
+    "train.epochs": 3,
+    "train.lr": 1.0e-3,
+    "train.lr_schedule": "cosine",
+    "train.warmup_iters": 100,
+    "train.eval_every": 0,  # evaluated once, at the end
+}
 
 
 @dataclass
@@ -49,6 +71,8 @@ class DemoSettings:
     pictures: bool = True
     max_iterations: Optional[int] = None  # cap on training iterations (tests, quick looks)
     max_pretrain_iterations: Optional[int] = None  # cap on backbone pretraining iterations (same)
+    masks: bool = False  # then train the mask head on the frozen detector (MASK_STAGE), evaluate mask AP
+    detector: Optional[str] = None  # with masks: freeze this detection checkpoint instead of training one
     quiet: bool = False
 
 
@@ -100,11 +124,58 @@ def draw_pictures(checkpoint: Path, out: Path, cfg: Config, num_images: int, qui
     return written
 
 
+def mask_stage_config(cfg: Config, detector: Path, output_dir: Path) -> Config:
+    """The mask stage's config: the demo's ``cfg`` (data, model sizes, the user's overrides; changed
+    in place) with :data:`MASK_STAGE` on top, freezing ``detector`` and writing to ``output_dir``."""
+    apply_overrides(cfg, [f"{k}={v}" for k, v in MASK_STAGE.items()]
+                    + [f"train.frozen_weights={detector}", f"train.output_dir={output_dir}"])
+    return validate(cfg)
+
+
+def train_mask_head(settings: DemoSettings, cfg: Config, detector: Path) -> dict:
+    """The mask stage: :data:`MASK_STAGE` on the frozen ``detector``, into ``<output_dir>/masks``; mask
+    AP, box AP (the detector's, unchanged), iterations, timings and paths. ``cfg``: the demo's config
+    as :func:`build_demo_config` gives it (a fresh one: the detector's stage changes its own)."""
+    start = time.time()
+    mask_cfg = mask_stage_config(cfg, detector, Path(settings.output_dir) / MASKS_FOLDER)
+    planned = cap_schedule(mask_cfg, settings.num_train // mask_cfg.train.batch_size, settings.max_iterations)
+    trainer = Trainer(mask_cfg, quiet=settings.quiet)
+    _say(settings, f"[demo] mask head on the frozen detector {detector}: {mask_cfg.train.epochs} epochs x "
+                   f"{trainer.iters_per_epoch} iterations (batch {mask_cfg.train.batch_size}) = {planned} iterations, "
+                   f"lr {mask_cfg.train.lr:g} {mask_cfg.train.lr_schedule}")
+    metrics = trainer.fit()
+    seconds_training = time.time() - start
+    out = Path(mask_cfg.train.output_dir)
+    checkpoint = out / "checkpoint.pth"
+    drawn: dict = {}
+    if settings.pictures:
+        device = pick_device(mask_cfg.train.device, "train.device")
+        drawn["boxes"] = [str(p) for p in pictures.draw_boxes(str(checkpoint), out / "pictures" / "boxes",
+                                                              val=settings.num_pictures, threshold=0.5, min_size=384,
+                                                              device=device)]
+    return {
+        "segm_AP": metrics.get("segm_AP"), "segm_AP50": metrics.get("segm_AP50"),
+        "segm_AP75": metrics.get("segm_AP75"), "AP": metrics.get("AP"), "AP50": metrics.get("AP50"),
+        "iterations": trainer.global_step, "planned_iterations": planned, "detector": str(detector),
+        "seconds": {"training": seconds_training, "total": time.time() - start},
+        "paths": {"output_dir": str(out), "checkpoint": str(checkpoint), "config": str(out / "config.yaml"),
+                  "metrics": str(out / "metrics.json"), "segm_detections": str(out / "segm_detections.json"),
+                  "log": str(out / "log.jsonl"), "pictures": drawn},
+    }
+
+
 def run_demo(settings: DemoSettings) -> dict:
-    """Generate the data, pretrain and train on the config's schedule, evaluate, draw; returns (and
-    writes to ``<output_dir>/demo_summary.json``) the metrics, iteration counts, timings and paths."""
+    """Generate the data, pretrain and train on the config's schedule, evaluate, draw (with ``masks``,
+    then the mask stage, :func:`train_mask_head`); returns (and writes to
+    ``<output_dir>/demo_summary.json``) the metrics, iteration counts, timings and paths."""
     build_demo_config(settings)  # a bad config or override fails here, before any work
-    if run_files(Path(settings.output_dir)):  # an earlier run is never replaced
+    if settings.detector is not None:
+        if not settings.masks:
+            raise UsageError("--detector names the detection checkpoint whose mask head --masks trains: add --masks")
+        if not Path(settings.detector).is_file():
+            raise InputNotFoundError(f"--detector {settings.detector}: no such checkpoint (a demo run writes "
+                                     f"<output_dir>/checkpoint.pth)")
+    if run_files(Path(settings.output_dir)) or run_files(Path(settings.output_dir) / MASKS_FOLDER):
         earlier, settings = settings.output_dir, replace(settings, output_dir=str(fresh_folder(settings.output_dir)))
         _say(settings, f"[demo] {earlier} holds an earlier run, kept as it is; this run goes to {settings.output_dir}")
     t0 = time.time()
@@ -116,6 +187,26 @@ def run_demo(settings: DemoSettings) -> dict:
                    f"in {t_data:.1f}s")
 
     cfg = build_demo_config(settings, layout)
+    if settings.detector is None:
+        summary = _train_detector(settings, cfg, layout)
+        summary["seconds"]["data"] = t_data
+        detector = Path(summary["paths"]["checkpoint"])
+    else:
+        detector = Path(settings.detector)
+        summary = {"AP": None, "AP50": None, "AP75": None, "rpe": cfg.model.rpe, "iterations": 0,
+                   "detector": str(detector), "seconds": {"data": t_data},
+                   "paths": {"output_dir": settings.output_dir, "data": str(layout.root), "pictures": {}}}
+    if settings.masks:
+        summary["masks"] = train_mask_head(settings, build_demo_config(settings, layout), detector)
+    summary["seconds"]["total"] = time.time() - t0
+    summary["settings"] = asdict(settings)
+    atomic_write_json(Path(settings.output_dir) / "demo_summary.json", summary, indent=2)
+    _print_summary(settings, summary)
+    return summary
+
+
+def _train_detector(settings: DemoSettings, cfg: Config, layout) -> dict:
+    """The detection demo: pretraining, training, evaluation, pictures; the summary's entries."""
     budget = None if settings.budget_minutes is None else 60.0 * settings.budget_minutes
     _say(settings, f"[demo] model: {cfg.model.backbone} backbone, d={cfg.model.hidden_dim}, "
                    f"{cfg.model.enc_layers}+{cfg.model.dec_layers} layers, {cfg.model.num_queries} queries, "
@@ -150,8 +241,7 @@ def run_demo(settings: DemoSettings) -> dict:
         pictures_written = draw_pictures(checkpoint, out / "pictures", cfg, settings.num_pictures,
                                          quiet=settings.quiet)
     t_pictures = time.time() - t_pictures
-
-    summary = {
+    return {
         "AP": metrics.get("AP"), "AP50": metrics.get("AP50"), "AP75": metrics.get("AP75"),
         "rpe": cfg.model.rpe,
         "iterations": trainer.global_step,
@@ -160,8 +250,7 @@ def run_demo(settings: DemoSettings) -> dict:
         "cut_short": cut_short,
         "epochs_completed": trainer.epoch,
         "backbone_pretraining": asdict(pretrain) if pretrain else None,
-        "seconds": {"data": t_data, "pretraining": t_pretrain, "training": t_train, "pictures": t_pictures,
-                    "total": time.time() - t0},
+        "seconds": {"pretraining": t_pretrain, "training": t_train, "pictures": t_pictures},
         "budget_minutes": settings.budget_minutes,
         "device": str(trainer.device),
         "paths": {
@@ -169,11 +258,7 @@ def run_demo(settings: DemoSettings) -> dict:
             "metrics": str(out / "metrics.json"), "detections": str(out / "detections.json"),
             "log": str(out / "log.jsonl"), "data": str(layout.root), "pictures": pictures_written,
         },
-        "settings": asdict(settings),
     }
-    atomic_write_json(out / "demo_summary.json", summary, indent=2)
-    _print_summary(settings, summary)
-    return summary
 
 
 def _print_summary(settings: DemoSettings, s: dict) -> None:
@@ -181,25 +266,43 @@ def _print_summary(settings: DemoSettings, s: dict) -> None:
         return
     p = s["paths"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = [
-        "",
-        "=" * 72,
-        f"demo finished in {s['seconds']['total'] / 60:.1f} min on {s['device']}: "
-        f"{s['pretrain_iterations']} pretraining + {s['iterations']} training iterations"
-        + (f" of {s['planned_iterations']} (cut short by the {s['budget_minutes']:g}-minute cap)" if s["cut_short"]
-           else ""),
-        f"  encoder: {'iRPE ' + s['rpe'] if s['rpe'] else 'plain (no iRPE)'}",
-        f"  COCO bbox on the synthetic val split: AP {fmt(s['AP'])}  AP50 {fmt(s['AP50'])}  AP75 {fmt(s['AP75'])}",
-        f"  checkpoint   {p['checkpoint']}",
-        f"  config       {p['config']}",
-        f"  metrics      {p['metrics']}",
-        f"  training log {p['log']}",
+    lines = ["", "=" * 72]
+    if s.get("detector") is None:
+        lines += [
+            f"demo finished in {s['seconds']['total'] / 60:.1f} min on {s['device']}: "
+            f"{s['pretrain_iterations']} pretraining + {s['iterations']} training iterations"
+            + (f" of {s['planned_iterations']} (cut short by the {s['budget_minutes']:g}-minute cap)" if s["cut_short"]
+               else "")
+            + (f" + {s['masks']['iterations']} mask-head iterations" if "masks" in s else ""),
+            f"  encoder: {'iRPE ' + s['rpe'] if s['rpe'] else 'plain (no iRPE)'}",
+            f"  COCO bbox on the synthetic val split: AP {fmt(s['AP'])}  AP50 {fmt(s['AP50'])}  AP75 {fmt(s['AP75'])}",
+            f"  checkpoint   {p['checkpoint']}",
+            f"  config       {p['config']}",
+            f"  metrics      {p['metrics']}",
+            f"  training log {p['log']}",
+        ]
+    else:
+        lines.append(f"demo finished in {s['seconds']['total'] / 60:.1f} min: {s['masks']['iterations']} mask-head "
+                     f"iterations on the frozen detector {s['detector']}")
+    if "masks" in s:
+        m = s["masks"]
+        lines += [
+            f"  COCO segm (masks) on the synthetic val split: AP {fmt(m['segm_AP'])}  AP50 {fmt(m['segm_AP50'])}  "
+            f"AP75 {fmt(m['segm_AP75'])} (mask head: {m['iterations']} iterations, "
+            f"{m['seconds']['total'] / 60:.1f} min)",
+            f"  mask model   {m['paths']['checkpoint']}",
+            f"  mask metrics {m['paths']['metrics']}",
+        ]
+    lines += [
         f"  summary      {Path(p['output_dir']) / 'demo_summary.json'}",
         f"  data         {p['data']}",
     ]
     for kind, files in p["pictures"].items():
         folder = str(Path(files[0]).parent) if files else ""
         lines.append(f"  pictures     {kind}: {len(files)} file(s) in {folder}")
+    for kind, files in s.get("masks", {}).get("paths", {}).get("pictures", {}).items():
+        folder = str(Path(files[0]).parent) if files else ""
+        lines.append(f"  pictures     masks ({kind}): {len(files)} file(s) in {folder}")
     lines += ["=" * 72]
     print("\n".join(lines), flush=True)
 

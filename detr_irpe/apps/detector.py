@@ -1,9 +1,10 @@
-"""The Python API for a trained detector: load a checkpoint, predict boxes, export it.
+"""The Python API for a trained detector: load a checkpoint, predict boxes (and masks), export it.
 
     from detr_irpe import Detector
     det = Detector.from_checkpoint("outputs/demo/checkpoint.pth")       # a path or an http(s) URL
     for found in det.predict("photo.jpg", threshold=0.7)[0]:
         print(found["name"], found["score"], found["box"])             # box: [x1, y1, x2, y2] in pixels
+        # a segmentation model (model.masks) adds found["mask"]: (H, W) bool over the photo
     det.export_onnx("model.onnx")                                      # + model.onnx.json (preprocessing, names)
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..data.images import ImageLike, as_image_tensor  # as_image_tensor: also im
 from ..engine.distributed import pick_device
 from ..engine.inference import LoadedDetector, load_detector
 from ..export import ExportResult, detection_records, export_detector
+from ..export.records import check_mask_format
 
 
 class Detector:
@@ -45,16 +47,25 @@ class Detector:
     def categories(self) -> Dict[int, str]:
         return self.loaded.categories
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether the model predicts instance masks (a segmentation model, ``model.masks``)."""
+        return bool(self.loaded.config.model.masks)
+
     def predict(self, images: Union[ImageLike, Sequence[ImageLike]], threshold: float = 0.7,
-                batch_size: int = 1) -> List[List[dict]]:
+                batch_size: int = 1, masks: str = "tensor") -> List[List[dict]]:
         """Detections scoring at least ``threshold`` for each image (a path, PIL image, numpy array,
         uint8 or float tensor, or a list of them), best first: one list per image of
         ``{"box": [x1, y1, x2, y2], "score": float, "label": int, "name": str}``, boxes in the
-        image's own pixels."""
+        image's own pixels. A segmentation model adds ``"mask"``, the detection's mask over the
+        image: a ``(H, W)`` bool tensor, or with ``masks="rle"`` COCO RLE (``{"size": [H, W],
+        "counts": str}``, JSON-ready, as ``predict``'s ``detections.json``). The masks are the
+        post-processor's (``sigmoid > 0.5`` at the image's size)."""
+        check_mask_format(masks)
         single = not isinstance(images, (list, tuple))
         tensors = [as_image_tensor(image) for image in ([images] if single else images)]
         detections = self.loaded.detect(tensors, batch_size=batch_size)
-        return [detection_records(d, threshold, self.categories) for d in detections]
+        return [detection_records(d, threshold, self.categories, masks=masks) for d in detections]
 
     def export_onnx(self, path: Union[str, Path], opset: Optional[int] = None,
                     format: str = "onnx", overwrite: bool = False) -> ExportResult:

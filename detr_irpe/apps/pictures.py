@@ -3,7 +3,8 @@ and ``tools/plot_logs.py`` do. Any checkpoint :func:`detr_irpe.engine.inference.
 reads works (ours, official DETR, the iRPE model zoo).
 
 Images come from files / folders, or ``val=N``: the first N images of the validation split of
-the checkpoint's (or ``config``'s) dataset, which also gives the ground-truth boxes.
+the checkpoint's (or ``config``'s) dataset, which also gives the ground-truth boxes (and, for a
+segmentation model, the ground-truth masks). A segmentation model's masks are drawn under its boxes.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import build_dataset
@@ -43,7 +45,7 @@ class Samples:
             raise UsageError(f"--val must be a positive number of images, got {val}")
         self.detector = detector
         self.paths = expand_inputs(images) if images else []  # fails on a bad path before any work
-        self.dataset = build_dataset(detector.config.data, "val") if val else None
+        self.dataset = build_dataset(detector.config.data, "val", masks=detector.config.model.masks) if val else None
         self.count = len(self.paths) + (min(val, len(self.dataset)) if self.dataset is not None else 0)
         files = list(self.paths)
         if self.dataset is not None:
@@ -63,6 +65,8 @@ class Samples:
             names = {**self.dataset.categories, **self.detector.categories}  # the checkpoint's names win
             for index, name in enumerate(self.names[len(self.paths):]):
                 _, image, gt = self.dataset.ground_truth_sample(index)
+                if self.dataset.masks:  # a segmentation model's ground truth: the instance masks too
+                    gt["masks"] = self.dataset.load_target(index, tuple(image.shape[-2:]))["masks"].as_subclass(Tensor)
                 yield name, image, gt, names
 
 
@@ -80,7 +84,8 @@ def draw_boxes(checkpoint: str, out, images: Sequence = (), val: Optional[int] =
                min_size: Optional[int] = None, config: Optional[str] = None, overrides: Sequence[str] = (),
                device: str = "auto", overwrite: bool = False) -> List[Path]:
     """Writes ``<out>/<image>_boxes.png`` per image: the predicted boxes (score >= ``threshold``)
-    with class names and scores, beside the ground truth for validation images. Images whose
+    with class names and scores (over their masks, for a segmentation model), beside the ground
+    truth for validation images. Images whose
     shorter side is below ``min_size`` are drawn enlarged to it. Existing files are replaced only
     with ``overwrite``, input images never."""
     device = pick_device(device)
@@ -95,6 +100,8 @@ def draw_boxes(checkpoint: str, out, images: Sequence = (), val: Optional[int] =
         if gt is not None and factor != 1:
             fy, fx = result.image_hw[0] / image.shape[1], result.image_hw[1] / image.shape[2]
             gt = {**gt, "boxes": gt["boxes"] * torch.tensor([fx, fy, fx, fy])}
+            if "masks" in gt:
+                gt["masks"] = F.interpolate(gt["masks"][None].float(), size=result.image_hw, mode="nearest")[0].bool()
         picture = prediction_vs_ground_truth(result.image, result.detections(threshold), gt, names)
         save_png(picture, path)
         written.append(path)

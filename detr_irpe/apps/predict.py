@@ -1,4 +1,6 @@
 """Predict boxes on image files: one PNG with the boxes drawn per image, plus ``detections.json``.
+A segmentation model's masks are drawn under its boxes and written into ``detections.json`` as
+COCO RLE (each detection's ``mask``).
 
 Outputs go to a folder that is not the inputs' own; a picture is named after its image
 (:func:`output_names`), and files of an earlier run are replaced only when asked (``overwrite``).
@@ -21,6 +23,7 @@ from ..data.images import IMAGE_EXTENSIONS, list_images, read_rgb
 from ..engine.distributed import pick_device
 from ..engine.inference import load_detector
 from ..errors import InputNotFoundError
+from ..evaluation import encode_masks
 from ..export import OnnxDetector, UnsupportedImageError, detection_records  # detection_records: also from here
 from ..files import (OutputExistsError, atomic_write_json, check_writable, refuse_existing, refuse_inputs,
                      same_file)
@@ -39,7 +42,8 @@ class ImageDetector(Protocol):
     categories: Dict[int, str]
 
     def detect(self, images: Sequence[Tensor]) -> List[Dict[str, Tensor]]:
-        """``(3, H, W)`` uint8 images, one batch -> per image ``scores``, ``labels``, absolute xyxy ``boxes``."""
+        """``(3, H, W)`` uint8 images, one batch -> per image ``scores``, ``labels``, absolute xyxy ``boxes``
+        (and ``masks`` ``(Q, H, W)`` bool for a segmentation model)."""
 
 
 class SkippedImageWarning(UserWarning):
@@ -169,7 +173,8 @@ def predict_images(detector: ImageDetector, paths: Sequence[Path], out_dir, thre
                    batch_size: int = 1, overwrite: bool = False, names: Optional[Sequence[str]] = None) -> List[dict]:
     """Detect on each image, ``batch_size`` at a time; writes one picture per image (named by
     :func:`output_names`, or ``names``) and ``detections.json`` (one entry per image: file, picture,
-    size, and its detections above ``threshold``). Nothing is written over an input, and files of an
+    size, and its detections above ``threshold``; for a segmentation model each detection's
+    ``mask`` as COCO RLE, drawn in the picture under its box). Nothing is written over an input, and files of an
     earlier run only with ``overwrite`` (:func:`check_prediction_outputs`, before any work). A
     progress bar on stderr counts the images (for two or more, on a terminal; it leaves no trace).
 
@@ -213,9 +218,15 @@ def predict_images(detector: ImageDetector, paths: Sequence[Path], out_dir, thre
             readable = [entry for entry in entries if "error" not in entry]
             for entry, image, det in zip(readable, images, detector.detect(images) if images else []):
                 records = detection_records(det, threshold, detector.categories)
+                masks = None
+                if "masks" in det:
+                    masks = torch.stack([r["mask"] for r in records]) if records else None
+                    for record, rle in zip(records, encode_masks(masks) if records else []):
+                        record["mask"] = rle
                 drawn = draw_detections(image, torch.tensor([r["box"] for r in records]).reshape(-1, 4),
                                         torch.tensor([r["label"] for r in records], dtype=torch.long),
-                                        torch.tensor([r["score"] for r in records]), detector.categories)
+                                        torch.tensor([r["score"] for r in records]), detector.categories,
+                                        masks=masks)
                 save_png(drawn, entry["picture"])
                 entry.update(height=int(image.shape[1]), width=int(image.shape[2]), detections=records)
             results += entries

@@ -1,7 +1,9 @@
 """Synthetic shapes: a small COCO-format detection dataset generated on the fly and cached.
 
 Coloured squares, circles, triangles, crosses and stars on noisy textured backgrounds, written
-as real COCO json plus JPEG files, so training and evaluation run the same code as on COCO::
+as real COCO json plus JPEG files, so training and evaluation run the same code as on COCO.
+Each object has its box, its area and, as ``segmentation``, its exact pixel mask (COCO RLE, the
+whole shape as drawn, also where a later shape covers part of it, like its box)::
 
     root/
       manifest.json                  generation parameters (the cache key)
@@ -26,12 +28,14 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
 
 from ..errors import UsageError
 from .errors import DataRootInUseError
 
 SHAPES = ("square", "circle", "triangle", "cross", "star")
-GENERATOR_VERSION = 1  # bump when the drawing changes, so cached copies are regenerated
+# bump when the files change, so cached copies are regenerated (2: masks added; images and boxes as in 1)
+GENERATOR_VERSION = 2
 MANIFEST = "manifest.json"
 
 MIN_SIZE, MAX_SIZE = 0.15, 0.5  # object extent as a fraction of the image side
@@ -134,10 +138,11 @@ def _overlap_ok(box: Tuple[int, int, int, int], placed: Sequence[Tuple[int, int,
 
 def draw_image(rng: np.random.Generator, size: int, shapes: Sequence[str],
                max_objects: int) -> Tuple[Image.Image, List[Dict]]:
-    """One ``size`` x ``size`` RGB image and its objects ``{category_id, bbox (xywh), area}``.
+    """One ``size`` x ``size`` RGB image and its objects ``{category_id, bbox (xywh), area, segmentation}``.
 
     1 to ``max_objects`` shapes (category id = 1 + index in ``shapes``); each box is the tight
-    box of the drawn pixels and overlaps any other by at most ``MAX_OVERLAP``.
+    box of the drawn pixels and overlaps any other by at most ``MAX_OVERLAP``; ``area`` counts
+    those pixels and ``segmentation`` is their mask (:func:`mask_rle`).
     """
     background = _background(rng, size)
     mean_colour = background.reshape(-1, 3).mean(0)
@@ -162,10 +167,18 @@ def draw_image(rng: np.random.Generator, size: int, shapes: Sequence[str],
         image.paste(tuple(int(c) for c in colour), mask=mask)
         x0, y0, x1, y1 = box
         placed.append(box)
+        pixels = np.asarray(mask) > 0
         objects.append({"category_id": label + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "area": int(np.count_nonzero(np.asarray(mask)))})
+                        "area": int(np.count_nonzero(pixels)), "segmentation": mask_rle(pixels)})
     noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(4, 12), size=(size, size, 3))
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), objects
+
+
+def mask_rle(pixels: np.ndarray) -> dict:
+    """A ``(H, W)`` bool mask as COCO's compressed RLE, ``{"size": [H, W], "counts": str}`` (exact,
+    unlike a polygon, which pycocotools would rasterise a little differently from PIL)."""
+    rle = mask_utils.encode(np.asfortranarray(pixels.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 # --- writing ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from ..files import atomic_write_json
 # The 12 numbers of COCOeval.summarize() for boxes, in its order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 SEGM = "segm_"  # prefix of the mask metrics: segm_AP, ..., segm_ARl, segm_per_class_AP
+DETECTIONS_FILE, SEGM_DETECTIONS_FILE, METRICS_FILE = "detections.json", "segm_detections.json", "metrics.json"
 
 
 def to_coco_results(image_id: int, prediction: Mapping) -> List[dict]:
@@ -156,7 +157,7 @@ class CocoEvaluator:
 
         pycocotools reports -1 for an area range with no ground truth. With no detections at
         all every number is 0. ``verbose`` prints pycocotools' table and a per-class table;
-        ``output_dir`` receives ``detections.json`` (COCO results) and ``metrics.json``.
+        ``output_dir`` receives the files of :meth:`write`.
         """
         names = {cid: str(cat.get("name", cid)) for cid, cat in self.coco_gt.cats.items()}
         metrics, table, self.coco_eval = self._evaluate(self.results(), names, "bbox")
@@ -176,12 +177,16 @@ class CocoEvaluator:
         return metrics
 
     def write(self, output_dir: Union[str, Path]) -> None:
-        """Write ``detections.json`` (COCO results format) and ``metrics.json`` into ``output_dir``."""
+        """Write ``detections.json`` (COCO results format: boxes), for masks ``segm_detections.json``
+        (COCO segmentation results: ``segmentation`` as RLE, ``score``, ``category_id``, ``image_id``,
+        what ``COCO.loadRes`` reads for ``iouType="segm"``), then ``metrics.json`` into ``output_dir``."""
         if self.metrics is None:
             self.summarize(verbose=False)
         output_dir = Path(output_dir)
-        atomic_write_json(output_dir / "detections.json", self.results())
-        atomic_write_json(output_dir / "metrics.json", self.metrics, indent=2)
+        atomic_write_json(output_dir / DETECTIONS_FILE, self.results())
+        if self.segmentations:
+            atomic_write_json(output_dir / SEGM_DETECTIONS_FILE, self.segm_results())
+        atomic_write_json(output_dir / METRICS_FILE, self.metrics, indent=2)
 
     def _evaluate(self, results: List[dict], names: Mapping[int, str], iou_type: str):
         """``(metrics, pycocotools' table, the COCOeval)`` of ``results`` (``iou_type`` bbox or segm)."""

@@ -3,7 +3,8 @@
 * :func:`export_checkpoint` / :func:`export_detector` — write ``model.onnx`` (or ``model.pt2``) and
   its sidecar ``model.onnx.json`` (``model.pt2.json``), checked against PyTorch on a padded batch of a
   size not used to trace.
-* :func:`export_program` — the ``torch.export`` program (dynamic batch, height, width), to convert yourself.
+* :func:`export_program` — the ``torch.export`` program (dynamic batch, height, width), to convert yourself;
+  a segmentation model's has a third output, ``pred_masks``.
 * :class:`OnnxDetector` — onnxruntime with the evaluation preprocessing and PyTorch's post-processing;
   its ``predict`` is ``Detector.predict``'s twin.
 
@@ -15,7 +16,7 @@ from .exporter import (
     save_onnx, save_program,
 )
 from .preprocess import Preprocessing
-from .program import INPUT_NAMES, OUTPUT_NAMES, DetectorOutputs, InputLimits, export_program
+from .program import INPUT_NAMES, MASK_OUTPUT, OUTPUT_NAMES, DetectorOutputs, InputLimits, export_program, output_names
 from .records import detection_records
 from .runtime import OnnxDetector, UnsupportedImageError, onnx_session, run_onnx
 from .sidecar import find_sidecar, read_sidecar, sidecar_path
@@ -24,5 +25,5 @@ __all__ = [
     "export_checkpoint", "export_detector", "export_program", "save_onnx", "save_program", "ExportResult",
     "ExportMismatchError", "OnnxDetector", "UnsupportedImageError", "onnx_session", "run_onnx", "Preprocessing",
     "DetectorOutputs", "InputLimits", "read_sidecar", "find_sidecar", "sidecar_path", "detection_records",
-    "INPUT_NAMES", "OUTPUT_NAMES", "FORMATS", "ONNX_OPSETS", "DEFAULT_OPSET",
+    "INPUT_NAMES", "OUTPUT_NAMES", "MASK_OUTPUT", "output_names", "FORMATS", "ONNX_OPSETS", "DEFAULT_OPSET",
 ]

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -25,7 +25,8 @@ from ..errors import DetrIrpeError, UsageError
 from ..files import OutputError, check_writable, describe_os_error, output_mode, refuse_existing, refuse_inputs
 from ..optional import require
 from .preprocess import Preprocessing
-from .program import INPUT_NAMES, OUTPUT_NAMES, InputLimits, encoder_irpe_specs, export_program, sample_inputs
+from .program import (INPUT_NAMES, MASK_OUTPUT, OUTPUT_NAMES, InputLimits, encoder_irpe_specs, export_program,
+                      output_names, sample_inputs)
 from .runtime import onnx_session, run_onnx
 from .sidecar import deployment_info, sidecar_path, write_sidecar
 
@@ -102,6 +103,12 @@ def check_options(out, fmt: str, opset: Optional[int], overwrite: bool = False) 
     return opset
 
 
+def program_output_names(program: ExportedProgram) -> Tuple[str, ...]:
+    """The output names of a program of :func:`export_program`: ``pred_logits``, ``pred_boxes`` and, when it
+    has a third output (a segmentation model), ``pred_masks``."""
+    return (*OUTPUT_NAMES, MASK_OUTPUT)[:len(program.graph_signature.user_outputs)]
+
+
 def save_onnx(program: ExportedProgram, path, opset: int = DEFAULT_OPSET) -> Path:
     """Convert a program of :func:`export_program` to ONNX at ``opset`` and save it (weights inside the file
     up to 2 GB, beside it beyond)."""
@@ -112,7 +119,8 @@ def save_onnx(program: ExportedProgram, path, opset: int = DEFAULT_OPSET) -> Pat
     level = folding.level
     folding.setLevel(logging.ERROR)
     try:
-        onnx_program = torch.onnx.export(program, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+        onnx_program = torch.onnx.export(program, input_names=list(INPUT_NAMES),
+                                         output_names=list(program_output_names(program)),
                                          opset_version=opset, dynamo=True, verbose=False)
     finally:
         folding.setLevel(level)
@@ -131,7 +139,7 @@ def _check(run, model: torch.nn.Module, images: Tensor, mask: Tensor, what: str)
     with torch.no_grad():
         want = model(images, mask)
         got = run(images, mask)
-    diffs = {name: float((got[name] - want[name]).abs().max()) for name in OUTPUT_NAMES}
+    diffs = {name: float((got[name] - want[name]).abs().max()) for name in output_names(model)}
     if not all(d <= CHECK_ATOL for d in diffs.values()):  # also catches NaN
         raise ExportMismatchError(f"the exported {what} disagrees with the PyTorch model on a padded batch of "
                                   f"shape {tuple(images.shape)}: max |difference| {diffs} (tolerance {CHECK_ATOL}); "
@@ -146,7 +154,8 @@ def export_detector(detector: LoadedDetector, out, fmt: str = "onnx", opset: Opt
 
     The model must be a float32 model on the CPU (``load_detector(..., device="cpu")``); it is put in
     eval mode. Inputs ``images (batch, 3, height, width)`` float32 and ``mask (batch, height, width)``
-    bool, outputs ``pred_logits (batch, Q, K + 1)`` and ``pred_boxes (batch, Q, 4)``; batch, height and
+    bool, outputs ``pred_logits (batch, Q, K + 1)`` and ``pred_boxes (batch, Q, 4)``, and for a
+    segmentation model ``pred_masks (batch, Q, height / 4, width / 4)`` (mask logits); batch, height and
     width are dynamic (sides from ``backbone stride + 1`` pixels; at most ``50 x stride`` with a learned
     position embedding).
 
@@ -184,7 +193,8 @@ def export_detector(detector: LoadedDetector, out, fmt: str = "onnx", opset: Opt
             runtime = f"onnxruntime {require('onnxruntime', 'export to ONNX').__version__}"
         else:
             loaded = torch.export.load(str(written)).module()
-            diffs = _check(lambda x, m: dict(zip(OUTPUT_NAMES, loaded(x, m))), model, images, mask, "program")
+            names = output_names(model)
+            diffs = _check(lambda x, m: dict(zip(names, loaded(x, m))), model, images, mask, "program")
             runtime = "torch.export.load"
         os.chmod(written, output_mode())
         os.replace(written, out)
@@ -198,7 +208,7 @@ def export_detector(detector: LoadedDetector, out, fmt: str = "onnx", opset: Opt
         model_file=out.name, fmt=fmt, opset=opset,
         preprocess=Preprocessing(cfg.data.eval_size, cfg.data.max_size),
         categories=detector.categories, num_classes=model.num_classes, num_queries=model.num_queries,
-        limits=limits, stride=model.backbone.stride, irpe=encoder_irpe_specs(model),
+        masks=MASK_OUTPUT in output_names(model), limits=limits, stride=model.backbone.stride, irpe=encoder_irpe_specs(model),
         check={"runtime": runtime, "input_shape": list(images.shape), "padded": True,
                "max_abs_diff": diffs, "tolerance": CHECK_ATOL},
     )

@@ -3,7 +3,8 @@
 Under ``torch.export`` every :class:`~detr_irpe.irpe.RPEMultiheadAttention` takes its export path
 (:func:`detr_irpe.irpe.attention.choose_impl`): explicit attention weights, and iRPE bucket ids
 computed inside the graph from the feature map's symbolic ``(h, w)``, so the program is right for
-every input size, not only the one it was traced with.
+every input size, not only the one it was traced with. A segmentation model (``model.masks``)
+also outputs ``pred_masks``, its mask head computed in the graph on the padded batch as DETR does.
 """
 from __future__ import annotations
 
@@ -17,17 +18,26 @@ from torch.export import Dim, ExportedProgram
 
 from ..irpe import RPEMultiheadAttention
 from ..models.position_encoding import PositionEmbeddingLearned
+from ..models.segmentation import DETRsegm
 
 INPUT_NAMES = ("images", "mask")
-OUTPUT_NAMES = ("pred_logits", "pred_boxes")
+OUTPUT_NAMES = ("pred_logits", "pred_boxes")  # of every export
+MASK_OUTPUT = "pred_masks"  # a segmentation model's third output
+
+
+def output_names(model: nn.Module) -> Tuple[str, ...]:
+    """The outputs an export of ``model`` has: :data:`OUTPUT_NAMES`, then ``pred_masks`` for a
+    segmentation model (one with a mask head)."""
+    return OUTPUT_NAMES + ((MASK_OUTPUT,) if isinstance(model, DETRsegm) else ())
 
 
 class DetectorOutputs(nn.Module):
-    """A DETR model as an export sees it: two tensors in, the final decoder layer's two tensors out.
+    """A DETR model as an export sees it: two tensors in, the final decoder layer's tensors out.
 
     ``forward(images (B, 3, H, W) float, mask (B, H, W) bool, True = padding)`` returns
-    ``pred_logits (B, Q, K + 1)`` and ``pred_boxes (B, Q, 4)`` (normalised cxcywh); the auxiliary
-    outputs of the other decoder layers are left out.
+    ``pred_logits (B, Q, K + 1)`` and ``pred_boxes (B, Q, 4)`` (normalised cxcywh), and for a
+    segmentation model ``pred_masks (B, Q, H4, W4)`` (mask logits at stride 4 of the padded batch);
+    the auxiliary outputs of the other decoder layers are left out.
     """
 
     def __init__(self, model: nn.Module):
@@ -37,10 +47,11 @@ class DetectorOutputs(nn.Module):
         # serialise for a single decoder layer)
         self.model = copy.copy(model)
         self.model.aux_loss = False
+        self.names = output_names(model)
 
-    def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, ...]:
         out = self.model(images, mask)
-        return out["pred_logits"], out["pred_boxes"]
+        return tuple(out[name] for name in self.names)
 
 
 @dataclass(frozen=True)
@@ -107,8 +118,9 @@ def export_program(model: nn.Module) -> ExportedProgram:
     """``torch.export`` the final predictions of ``model`` (in eval mode, on the CPU, in float32).
 
     Returns a program with inputs ``images (batch, 3, height, width)`` float32 and ``mask
-    (batch, height, width)`` bool and outputs ``pred_logits``, ``pred_boxes``; batch, height and
-    width are dynamic within :class:`InputLimits`.
+    (batch, height, width)`` bool and outputs ``pred_logits``, ``pred_boxes`` (and ``pred_masks``
+    for a segmentation model, :func:`output_names`); batch, height and width are dynamic within
+    :class:`InputLimits`.
     """
     limits = InputLimits.of(model)
     images, mask = sample_inputs(2, limits.sample_sizes(model.backbone.stride)[0])

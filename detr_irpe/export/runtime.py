@@ -18,10 +18,11 @@ from torch import Tensor
 from ..data.images import ImageLike, as_image_tensor
 from ..errors import CheckpointError, InputNotFoundError, UsageError
 from ..models.postprocess import PostProcess
+from ..models.segmentation import region_sizes
 from ..optional import require
 from .preprocess import Preprocessing
-from .program import INPUT_NAMES, OUTPUT_NAMES
-from .records import detection_records
+from .program import INPUT_NAMES, MASK_OUTPUT
+from .records import check_mask_format, detection_records
 from .sidecar import find_sidecar, read_sidecar
 
 if TYPE_CHECKING:
@@ -40,11 +41,12 @@ def onnx_session(path, providers: Optional[Sequence[str]] = None,
 
 
 def run_onnx(session: "onnxruntime.InferenceSession", images: Tensor, mask: Tensor) -> Dict[str, Tensor]:
-    """``images (B, 3, H, W)`` float, ``mask (B, H, W)`` bool -> ``pred_logits``, ``pred_boxes`` as tensors."""
+    """``images (B, 3, H, W)`` float, ``mask (B, H, W)`` bool -> ``pred_logits``, ``pred_boxes`` (and a
+    segmentation model's ``pred_masks``: every output the model has) as tensors."""
     feeds = {INPUT_NAMES[0]: images.detach().to("cpu", torch.float32).contiguous().numpy(),
              INPUT_NAMES[1]: mask.detach().to("cpu", torch.bool).contiguous().numpy()}
-    outputs = session.run(list(OUTPUT_NAMES), feeds)
-    return {name: torch.from_numpy(value) for name, value in zip(OUTPUT_NAMES, outputs)}
+    names = [output.name for output in session.get_outputs()]
+    return {name: torch.from_numpy(value) for name, value in zip(names, session.run(names, feeds))}
 
 
 class OnnxDetector:
@@ -89,9 +91,15 @@ class OnnxDetector:
                                   f"{str(e).strip()[:300]}); export it again") from None
         self._postprocess = PostProcess()
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether the export outputs ``pred_masks`` (a segmentation model)."""
+        return any(output.get("name") == MASK_OUTPUT for output in self.info["outputs"])
+
     def forward(self, images: Tensor, mask: Tensor) -> Dict[str, Tensor]:
         """The exported model on a padded batch: ``images (B, 3, H, W)``, ``mask (B, H, W)`` True on
-        padding -> ``pred_logits (B, Q, K + 1)``, ``pred_boxes (B, Q, 4)`` normalised cxcywh."""
+        padding -> ``pred_logits (B, Q, K + 1)``, ``pred_boxes (B, Q, 4)`` normalised cxcywh (and a
+        segmentation model's ``pred_masks (B, Q, H4, W4)`` mask logits)."""
         sides = self.info["input_size"]
         h, w = images.shape[-2:]
         if min(h, w) < sides["min_side"] or (sides["max_side"] is not None and max(h, w) > sides["max_side"]):
@@ -132,7 +140,8 @@ class OnnxDetector:
         others, as PyTorch's per-image backbone does (tested equal to 1e-4).
 
         Returns per image ``{"scores": (Q,), "labels": (Q,) int64, "boxes": (Q, 4)}``, boxes as absolute
-        ``(x1, y1, x2, y2)`` in the original image, as :class:`~detr_irpe.models.postprocess.PostProcess`.
+        ``(x1, y1, x2, y2)`` in the original image, and for a segmentation model ``"masks": (Q, H, W)``
+        bool at the original size, as :class:`~detr_irpe.models.postprocess.PostProcess`.
 
         Raises:
             UnsupportedImageError: an image this export cannot take (:meth:`image_problem`), named by
@@ -157,21 +166,26 @@ class OnnxDetector:
                 batch = torch.stack([inputs[i] for i in chunk])
                 mask = torch.zeros(batch.shape[0], *batch.shape[-2:], dtype=torch.bool)
                 sizes = torch.tensor([tuple(images[i].shape[-2:]) for i in chunk])
-                for i, found in zip(chunk, self._postprocess(self.forward(batch, mask), sizes)):
+                outputs = self.forward(batch, mask)
+                if MASK_OUTPUT in outputs:
+                    outputs["input_sizes"] = region_sizes(mask)
+                for i, found in zip(chunk, self._postprocess(outputs, sizes)):
                     results[i] = found
         return results
 
     def predict(self, images: Union[ImageLike, Sequence[ImageLike]], threshold: float = 0.7,
-                batch_size: int = 1) -> List[List[dict]]:
+                batch_size: int = 1, masks: str = "tensor") -> List[List[dict]]:
         """:meth:`detr_irpe.Detector.predict` with this export: detections scoring at least ``threshold``
         for each image (a path, PIL image, numpy array, uint8 or float tensor, or a list of them), best
         first, one list per image of ``{"box": [x1, y1, x2, y2], "score": float, "label": int,
-        "name": str}``, boxes in the image's own pixels.
+        "name": str}``, boxes in the image's own pixels; an export with ``pred_masks`` adds ``"mask"``,
+        a ``(H, W)`` bool tensor or, with ``masks="rle"``, COCO RLE.
 
         Raises:
             UnsupportedImageError: an image this export cannot take (:meth:`image_problem`), named by
                 its path or position.
         """
+        check_mask_format(masks)
         single = not isinstance(images, (list, tuple))
         given = [images] if single else list(images)
         tensors = [as_image_tensor(image) for image in given]
@@ -181,4 +195,4 @@ class OnnxDetector:
                 name = str(image) if isinstance(image, (str, Path)) else f"image {i}"
                 raise UnsupportedImageError(f"{name}: {problem}")
         detections = self.detect(tensors, batch_size=batch_size)
-        return [detection_records(d, threshold, self.categories) for d in detections]
+        return [detection_records(d, threshold, self.categories, masks=masks) for d in detections]

@@ -19,7 +19,7 @@ import torch
 from ..errors import InputNotFoundError, UsageError
 from ..files import atomic_write_json
 from .preprocess import Preprocessing
-from .program import INPUT_NAMES, OUTPUT_NAMES, InputLimits
+from .program import INPUT_NAMES, MASK_OUTPUT, OUTPUT_NAMES, InputLimits
 
 SIDECAR_VERSION = 1
 REQUIRED_KEYS = ("format", "model_file", "inputs", "outputs", "input_size", "preprocess", "categories")
@@ -75,9 +75,9 @@ def find_sidecar(model_path) -> Path:
 
 def deployment_info(*, model_file: str, fmt: str, opset: Optional[int], preprocess: Preprocessing,
                     categories: Dict[int, str], num_classes: int, num_queries: int, limits: InputLimits,
-                    stride: int, irpe: List[Optional[str]], check: dict) -> dict:
-    """The sidecar's content (a JSON-ready dict)."""
-    return {
+                    stride: int, irpe: List[Optional[str]], check: dict, masks: bool = False) -> dict:
+    """The sidecar's content (a JSON-ready dict); ``masks``: the model also outputs ``pred_masks``."""
+    info = {
         "sidecar_version": SIDECAR_VERSION,
         "format": fmt,
         "model_file": model_file,
@@ -111,6 +111,15 @@ def deployment_info(*, model_file: str, fmt: str, opset: Optional[int], preproce
         "checked_against_pytorch": check,
         "exported_by": {"detr_irpe": _package_version(), "torch": torch.__version__},
     }
+    if masks:
+        info["outputs"].append(
+            {"name": MASK_OUTPUT, "shape": ["batch", num_queries, "height_4", "width_4"], "dtype": "float32",
+             "meaning": "mask logits of each query (final decoder layer) at stride 4 of the padded input: the "
+                        "backbone's stride-4 feature map, ceil(height / 4) x ceil(width / 4) for a ResNet"})
+        info["postprocess_masks"] = ("per image: pred_masks upsampled (bilinear, align_corners=False) to the padded "
+                                     "input size, sigmoid > 0.5, cropped to the image's resized size, then resized "
+                                     "(nearest) to the original image size")
+    return info
 
 
 def write_sidecar(info: dict, path) -> Path:

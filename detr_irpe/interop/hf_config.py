@@ -1,8 +1,9 @@
 """Hugging Face ``transformers`` DETR ``config.json`` <-> :class:`~detr_irpe.config.ModelConfig`.
 
 transformers' ``DetrForObjectDetection`` is the original DETR (post-norm transformer, no iRPE)
-over a ResNet taken either from timm (``use_timm_backbone``, the default of the hub's files) or
-from transformers itself (a ``ResNetConfig`` as ``backbone_config``). Both layouts of config.json
+(its ``DetrForSegmentation`` official DETR's ``DETRsegm``, ``model.masks`` here) over a ResNet
+taken either from timm (``use_timm_backbone``, the default of the hub's files) or from
+transformers itself (a ``ResNetConfig`` as ``backbone_config``). Both layouts of config.json
 are read: the one of transformers 4.x (``backbone``, ``use_timm_backbone``, ``dilation``,
 ``backbone_kwargs`` at the top level) and the one transformers 5 writes (a ``timm_backbone`` or
 ``resnet`` ``backbone_config``). A field that would make transformers compute something our
@@ -26,7 +27,7 @@ _DETR_DEFAULTS = {
     "dropout": 0.1, "activation_function": "relu", "position_embedding_type": "sine", "auxiliary_loss": False,
     "num_channels": 3, "dilation": False, "backbone": "resnet50", "use_timm_backbone": True,
     "class_cost": 1, "bbox_cost": 5, "giou_cost": 2, "bbox_loss_coefficient": 5, "giou_loss_coefficient": 2,
-    "eos_coefficient": 0.1,
+    "eos_coefficient": 0.1, "mask_loss_coefficient": 1, "dice_loss_coefficient": 1,
 }
 # ResNetConfig's defaults, for fields a backbone_config leaves out
 _RESNET_DEFAULTS = {
@@ -48,10 +49,13 @@ _SAME = {
     "dropout": "dropout", "position_embedding_type": "position_embedding",
     "class_cost": "set_cost_class", "bbox_cost": "set_cost_bbox", "giou_cost": "set_cost_giou",
     "bbox_loss_coefficient": "bbox_loss_coef", "giou_loss_coefficient": "giou_loss_coef",
-    "eos_coefficient": "eos_coef",
+    "eos_coefficient": "eos_coef", "mask_loss_coefficient": "mask_loss_coef", "dice_loss_coefficient": "dice_loss_coef",
 }
 # matcher costs and loss weights that DetrConfig types as int (only training in transformers uses them)
-_INT_TYPED = ("class_cost", "bbox_cost", "giou_cost", "bbox_loss_coefficient", "giou_loss_coefficient")
+_INT_TYPED = ("class_cost", "bbox_cost", "giou_cost", "bbox_loss_coefficient", "giou_loss_coefficient",
+              "mask_loss_coefficient", "dice_loss_coefficient")
+ARCHITECTURES = {"DetrForObjectDetection": False, "DetrForSegmentation": True}  # -> model.masks
+STAGES = ["stage1", "stage2", "stage3", "stage4"]  # a native ResNet's outputs for the mask head (strides 4 to 32)
 _TIMM_KWARGS = ("out_indices", "in_chans", "output_stride")  # backbone_kwargs that do not change the ResNet
 
 
@@ -147,8 +151,27 @@ def _native_resnet(sub: Mapping, hf: Mapping) -> Tuple[HFBackbone, List[str]]:
     return HFBackbone("native", name, False), problems
 
 
+def _mask_backbone_problems(hf: Mapping) -> List[str]:
+    """What keeps a ``DetrForSegmentation``'s backbone from giving its mask head the stride 4, 8 and 16
+    features that ours reads (transformers takes its first three outputs)."""
+    sub = hf.get("backbone_config")
+    if isinstance(sub, Mapping) and sub.get("model_type") == "resnet":
+        stages = list(sub.get("out_features") or ["stage4"])
+        if stages != STAGES:
+            return [f"backbone_config out_features {stages}: a DetrForSegmentation here reads {STAGES} (the mask "
+                    f"head takes the stride 4, 8 and 16 features)"]
+        return []
+    sub = sub if isinstance(sub, Mapping) else {}
+    indices = list(sub.get("out_indices") or (hf.get("backbone_kwargs") or {}).get("out_indices") or [1, 2, 3, 4])
+    if indices != [1, 2, 3, 4]:
+        return [f"out_indices {indices}: a DetrForSegmentation here reads [1, 2, 3, 4] (the mask head takes the "
+                f"stride 4, 8 and 16 features)"]
+    return []
+
+
 def model_config_from_hf(hf: Mapping, num_classes: int, source: str = "config.json") -> ModelConfig:
-    """The :class:`ModelConfig` of the model a DETR config.json describes (weights not included).
+    """The :class:`ModelConfig` of the model a DETR config.json describes (weights not included);
+    ``DetrForSegmentation`` in ``architectures`` gives a segmentation model (``masks``).
 
     ``num_classes`` is the size of ``class_labels_classifier`` minus one ("no object"), which is
     transformers' ``num_labels``. ``aux_loss`` keeps our default: here it only adds training losses,
@@ -162,9 +185,13 @@ def model_config_from_hf(hf: Mapping, num_classes: int, source: str = "config.js
         problems.append(f"model_type {hf.get('model_type')!r}: only 'detr' (DetrForObjectDetection) is "
                         f"the architecture of this project")
     architectures = hf.get("architectures") or ["DetrForObjectDetection"]
-    if "DetrForObjectDetection" not in architectures:
-        problems.append(f"architectures {architectures}: only DetrForObjectDetection (boxes and classes) is "
-                        f"supported, not a segmentation model or the bare DetrModel")
+    known = [name for name in architectures if name in ARCHITECTURES]
+    masks = bool(known) and ARCHITECTURES[known[0]]
+    if not known:
+        problems.append(f"architectures {architectures}: only DetrForObjectDetection (boxes and classes) and "
+                        f"DetrForSegmentation (and masks) are supported, not the bare DetrModel")
+    elif masks:
+        problems += _mask_backbone_problems(hf)
     for key, want in (("activation_function", "relu"), ("num_channels", 3)):
         if _get(hf, key) != want:
             problems.append(f"{key}={_get(hf, key)!r}: our model has {want!r}")
@@ -183,7 +210,7 @@ def model_config_from_hf(hf: Mapping, num_classes: int, source: str = "config.js
     backbone, backbone_problems = _backbone(hf)
     _refuse(source, problems + backbone_problems)
     cfg = ModelConfig(backbone=backbone.name, backbone_weights="none", dilation=backbone.dilation,
-                      num_classes=num_classes, rpe=None, pre_norm=False)
+                      num_classes=num_classes, rpe=None, pre_norm=False, masks=masks)
     for hf_key, ours in _SAME.items():
         value, kind = _get(hf, hf_key), type(getattr(cfg, ours))
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -220,7 +247,8 @@ def hf_backbone_for(cfg: ModelConfig, layout: Optional[str] = None) -> HFBackbon
 
 def hf_config_from_model(cfg: ModelConfig, categories: Mapping[int, str], backbone_layout: Optional[str] = None
                          ) -> dict:
-    """The config.json of transformers' ``DetrForObjectDetection`` computing what ``cfg``'s model computes.
+    """The config.json of transformers' ``DetrForObjectDetection`` (``DetrForSegmentation`` for a model
+    with masks) computing what ``cfg``'s model computes.
 
     ``backbone_layout`` as in :func:`hf_backbone_for`. ``id2label`` covers every class index
     (``num_labels`` is its length); indices without a category get ``"N/A"``, as the hub's COCO
@@ -231,9 +259,16 @@ def hf_config_from_model(cfg: ModelConfig, categories: Mapping[int, str], backbo
 
     Raises:
         CheckpointError: the model has no transformers equivalent (iRPE, the ``tiny`` backbone,
-            pre-norm), or a category id is not a class index.
+            pre-norm, a mask head whose group norms have fewer than DETR's 8 groups), or a category
+            id is not a class index.
     """
     problems = []
+    if cfg.masks:
+        widths = [cfg.hidden_dim + cfg.nheads] + [cfg.hidden_dim // f for f in (2, 4, 8, 16)]
+        if any(width % 8 for width in widths):
+            problems.append(f"its mask head has group norms of fewer than 8 groups (channels {widths}, hidden_dim "
+                            f"{cfg.hidden_dim}, nheads {cfg.nheads}): transformers' DetrForSegmentation normalises "
+                            f"them in 8 groups, which needs hidden_dim + nheads and hidden_dim / 16 divisible by 8")
     if cfg.rpe:
         problems.append(f"it uses iRPE (model.rpe={cfg.rpe}): transformers' DETR has no relative position "
                         f"encoding, so the learned iRPE tables would have no place in its weights and the model "
@@ -252,7 +287,7 @@ def hf_config_from_model(cfg: ModelConfig, categories: Mapping[int, str], backbo
                               + "\n  - ".join(problems))
     id2label = {str(i): str(categories.get(i, "N/A")) for i in range(cfg.num_classes)}
     hf = {
-        "model_type": "detr", "architectures": ["DetrForObjectDetection"],
+        "model_type": "detr", "architectures": ["DetrForSegmentation" if cfg.masks else "DetrForObjectDetection"],
         "d_model": cfg.hidden_dim, "encoder_layers": cfg.enc_layers, "decoder_layers": cfg.dec_layers,
         "encoder_attention_heads": cfg.nheads, "decoder_attention_heads": cfg.nheads,
         "encoder_ffn_dim": cfg.dim_feedforward, "decoder_ffn_dim": cfg.dim_feedforward,
@@ -274,5 +309,5 @@ def hf_config_from_model(cfg: ModelConfig, categories: Mapping[int, str], backbo
         layer_type, depths, hidden_sizes = RESNET_SHAPES[cfg.backbone]
         hf.update(use_timm_backbone=False, backbone=None, backbone_config=dict(
             _RESNET_DEFAULTS, model_type="resnet", layer_type=layer_type, depths=depths, hidden_sizes=hidden_sizes,
-            out_features=["stage4"]))
+            out_features=STAGES if cfg.masks else ["stage4"]))
     return hf

@@ -1,4 +1,5 @@
-"""State-dict keys of transformers' ``DetrForObjectDetection`` <-> the official DETR keys used here.
+"""State-dict keys of transformers' ``DetrForObjectDetection`` (and ``DetrForSegmentation``) <-> the
+official DETR keys used here.
 
 The mapping is exact both ways: each tensor on one side becomes exactly one tensor on the other,
 except that an attention's ``q_proj`` / ``k_proj`` / ``v_proj`` weights (and biases) are
@@ -14,6 +15,14 @@ and the place transformers 4.x gave learned position embeddings
 (``model.backbone.position_embedding.*``; transformers 5 reads and writes them as
 ``model.position_embedding.*``). Each version loads only its own place, so :func:`ours_to_hf`
 takes the one to write (:func:`position_embedding_prefix` tells the installed version's).
+
+``DetrForSegmentation`` holds a ``DetrForObjectDetection`` as ``detr`` (``detr.model.*``,
+``detr.class_labels_classifier.*``, ...), mapped as above under our ``detr.``, beside its mask
+head, whose keys in the hub's layout (transformers 4.x's module names, which transformers 5 writes
+back) are official DETR's, so ours: ``bbox_attention.q_linear`` / ``k_linear``, ``mask_head.lay1``
+.. ``lay5``, ``gn1`` .. ``gn5``, ``adapter1`` .. ``adapter3``, ``out_lay``. transformers 5's module
+names (``bbox_attention.q_proj``, ``mask_head.conv1.conv``, ``mask_head.fpn_stages.0.refine.norm``,
+...) are read too.
 """
 from __future__ import annotations
 
@@ -78,6 +87,18 @@ RULES: Rules = [
     ("bbox_predictor.layers.", "bbox_embed.layers."),
 ] + [(hf + "out_proj.", ours + "out_proj.") for hf, ours in ATTENTIONS]
 
+HF_DETECTOR = "detr."  # DetrForSegmentation's detector; ours is under the same name
+HEAD_PREFIXES = ("bbox_attention.", "mask_head.")  # the mask head, the same keys on both sides (hub layout)
+# transformers 5's module names of the mask head -> the hub's (transformers 4.x's, official DETR's)
+_HEAD_5 = [("bbox_attention.q_proj.", "bbox_attention.q_linear."), ("bbox_attention.k_proj.", "bbox_attention.k_linear."),
+           ("mask_head.conv1.conv.", "mask_head.lay1."), ("mask_head.conv1.norm.", "mask_head.gn1."),
+           ("mask_head.conv2.conv.", "mask_head.lay2."), ("mask_head.conv2.norm.", "mask_head.gn2."),
+           ("mask_head.output_conv.", "mask_head.out_lay.")]
+for _stage in range(3):
+    _HEAD_5 += [(f"mask_head.fpn_stages.{_stage}.fpn_adapter.", f"mask_head.adapter{_stage + 1}."),
+                (f"mask_head.fpn_stages.{_stage}.refine.conv.", f"mask_head.lay{_stage + 3}."),
+                (f"mask_head.fpn_stages.{_stage}.refine.norm.", f"mask_head.gn{_stage + 3}.")]
+
 POSITION_4, POSITION_5 = "model.backbone.position_embedding.", "model.position_embedding."
 # other layouts -> the hub's: (prefix, prefix) for whole keys, (infix, infix) inside the transformer
 _PREFIXES = [("model.backbone.model.", HF_BACKBONE), (POSITION_4, POSITION_5)]
@@ -106,13 +127,19 @@ def _swap(rules: Rules) -> Rules:
     return [(dst, src) for src, dst in rules]
 
 
+def is_segmentation_state(state: Mapping[str, Tensor]) -> bool:
+    """Whether ``state`` is a ``DetrForSegmentation``'s (its detector under ``detr.``)."""
+    return any(key.startswith(HF_DETECTOR) for key in state)
+
+
 def hub_layout(state: Mapping[str, Tensor], source: str = "checkpoint") -> Dict[str, Tensor]:
     """``state`` with its keys in the hub's layout, backbone ``num_batches_tracked`` counters dropped."""
     out: Dict[str, Tensor] = {}
     clashes = []
     for key, value in state.items():
-        new = key
-        for old, hub in _PREFIXES:
+        detector = HF_DETECTOR if key.startswith(HF_DETECTOR) else ""
+        new = key[len(detector):]
+        for old, hub in _PREFIXES + (_HEAD_5 if not detector else []):
             if new.startswith(old):
                 new = hub + new[len(old):]
         if new.startswith(("model.encoder.", "model.decoder.")):
@@ -120,6 +147,7 @@ def hub_layout(state: Mapping[str, Tensor], source: str = "checkpoint") -> Dict[
                 new = new.replace(old, hub)
         if new.startswith(HF_BACKBONE) and new.endswith(".num_batches_tracked"):
             continue
+        new = detector + new
         if new in out:
             clashes.append(new)
         out[new] = value
@@ -134,43 +162,64 @@ def hf_to_ours(state: Mapping[str, Tensor], backbone_layout: str,
     """transformers DETR weights -> official-DETR keys.
 
     Args:
-        state: a ``DetrForObjectDetection`` state dict in any layout the module docstring lists.
+        state: a ``DetrForObjectDetection`` or ``DetrForSegmentation`` state dict in any layout the
+            module docstring lists.
         backbone_layout: ``"timm"`` or ``"native"`` (see :class:`~detr_irpe.interop.hf_config.HFBackbone`).
 
     Returns:
         ``(our state dict, {our key: the transformers key(s) it came from})``; the second is for
-        messages.
+        messages. A segmentation model's has its detector under ``detr.`` beside the mask head.
 
     Raises:
         CheckpointError: listing the keys no rule covers and attentions missing a projection.
     """
+    state = hub_layout(state, source)
+    if not is_segmentation_state(state):
+        return _detector_to_ours(state, backbone_layout, source)
+    detector = {k[len(HF_DETECTOR):]: v for k, v in state.items() if k.startswith(HF_DETECTOR)}
+    head = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
+    other = sorted(k for k in state if k not in head and not k.startswith(HF_DETECTOR))
+    if other:
+        raise CheckpointError(f"{source}: these weights are not those of a transformers DetrForSegmentation"
+                              + listing("keys that correspond to nothing in this project's DETRsegm", other))
+    out, origin = _detector_to_ours(detector, backbone_layout, source, prefix=HF_DETECTOR)
+    out = {HF_DETECTOR + k: v for k, v in out.items()}
+    origin = {HF_DETECTOR + k: v for k, v in origin.items()}
+    return {**out, **head}, {**origin, **{k: k for k in head}}
+
+
+def _detector_to_ours(state: Mapping[str, Tensor], backbone_layout: str, source: str,
+                      prefix: str = "") -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """:func:`hf_to_ours` of a ``DetrForObjectDetection`` state dict in the hub's layout (``prefix``:
+    where these keys sit in the file, for messages)."""
     rules = list(BACKBONE_RULES[backbone_layout]) + list(RULES)
     out, origin, parts, unmapped = {}, {}, {}, []
-    for key, value in hub_layout(state, source).items():
+    for key, value in state.items():
         fused = _rename(key, [(hf + f"{p}.", ours + f"{i}.") for hf, ours in ATTENTIONS for i, p in enumerate(_QKV)],
                         rest="(weight|bias)")
         if fused is not None:  # "<our attention prefix><0|1|2>.<weight|bias>"
-            prefix, index, kind = fused.rsplit(".", 2)
-            parts.setdefault(f"{prefix}.in_proj_{kind}", {})[int(index)] = (key, value)
+            prefix_, index, kind = fused.rsplit(".", 2)
+            parts.setdefault(f"{prefix_}.in_proj_{kind}", {})[int(index)] = (prefix + key, value)
             continue
         ours = _rename(key, rules)
         if ours is None:
-            unmapped.append(key)
+            unmapped.append(prefix + key)
             continue
-        out[ours], origin[ours] = value, key
+        out[ours], origin[ours] = value, prefix + key
     incomplete = []
     for ours, got in sorted(parts.items()):
         if sorted(got) != [0, 1, 2]:
-            incomplete.append(f"{ours}: has only {', '.join(got[i][0] for i in sorted(got))}")
+            incomplete.append(f"{prefix}{ours}: has only {', '.join(got[i][0] for i in sorted(got))}")
             continue
         shapes = [tuple(got[i][1].shape) for i in range(3)]
         if len(set(shapes)) > 1:
-            incomplete.append(f"{ours}: q, k, v projections of shapes {shapes}")
+            incomplete.append(f"{prefix}{ours}: q, k, v projections of shapes {shapes}")
             continue
         out[ours] = torch.cat([got[i][1] for i in range(3)])
         origin[ours] = " + ".join(got[i][0] for i in range(3))
     if unmapped or incomplete:
-        msg = f"{source}: these weights are not those of a transformers DetrForObjectDetection with a " \
+        kind = "DetrForSegmentation" if prefix else "DetrForObjectDetection"
+        msg = f"{source}: these weights are not those of a transformers {kind} with a " \
               f"{backbone_layout} ResNet backbone"
         if unmapped:
             msg += listing("keys that correspond to nothing in this project's DETR", sorted(unmapped))
@@ -195,14 +244,28 @@ def ours_to_hf(state: Mapping[str, Tensor], backbone_layout: str, source: str = 
 
     ``in_proj_weight`` ``(3 C, C)`` / ``in_proj_bias`` ``(3 C,)`` are split into three ``(C, C)`` /
     ``(C,)`` projections. Learned position embeddings go under ``position_prefix``
-    (``POSITION_5`` or ``POSITION_4``, see the module docstring).
+    (``POSITION_5`` or ``POSITION_4``, see the module docstring). A segmentation model's detector
+    (``detr.*``) becomes ``DetrForSegmentation``'s ``detr.*``; its mask head keeps its keys.
 
     Raises:
         CheckpointError: listing the keys no rule covers (e.g. iRPE tables).
     """
+    if not is_segmentation_state(state):
+        return _detector_to_hf(state, backbone_layout, source, position_prefix)
+    detector = {k[len(HF_DETECTOR):]: v for k, v in state.items() if k.startswith(HF_DETECTOR)}
+    head = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
+    other = sorted(k for k in state if k not in head and not k.startswith(HF_DETECTOR))
+    out = _detector_to_hf(detector, backbone_layout, source, position_prefix, prefix=HF_DETECTOR, unmapped=other)
+    return {**{HF_DETECTOR + k: v for k, v in out.items()}, **head}
+
+
+def _detector_to_hf(state: Mapping[str, Tensor], backbone_layout: str, source: str, position_prefix: str,
+                    prefix: str = "", unmapped: Sequence[str] = ()) -> Dict[str, Tensor]:
+    """:func:`ours_to_hf` of a DETR state dict (``prefix``: where its keys sit in ours, for messages;
+    ``unmapped``: keys already known to have no place)."""
     rules = _swap(list(BACKBONE_RULES[backbone_layout]) + list(RULES))
     attentions = _swap(ATTENTIONS)
-    out, unmapped = {}, []
+    out, unmapped = {}, list(unmapped)
     for key, value in state.items():
         fused = _rename(key, [(ours + "in_proj_", hf) for ours, hf in attentions], rest="(weight|bias)")
         if fused is not None:  # "<transformers attention prefix><weight|bias>"
@@ -212,7 +275,7 @@ def ours_to_hf(state: Mapping[str, Tensor], backbone_layout: str, source: str = 
             continue
         hf = _rename(key, rules)
         if hf is None:
-            unmapped.append(key)
+            unmapped.append(prefix + key)
         else:
             out[position_prefix + hf[len(POSITION_5):] if hf.startswith(POSITION_5) else hf] = value
     if unmapped:

@@ -1,7 +1,8 @@
 """Hugging Face ``transformers`` DETR folders (and hub ids) <-> checkpoint dicts of this project.
 
 A transformers DETR is a folder holding ``config.json`` and ``model.safetensors`` (older uploads:
-``pytorch_model.bin``), as ``DetrForObjectDetection.save_pretrained`` writes it and as models
+``pytorch_model.bin``), as ``DetrForObjectDetection.save_pretrained`` (or ``DetrForSegmentation``'s:
+a model with masks) writes it and as models
 such as ``facebook/detr-resnet-50`` sit on the hub. :func:`checkpoint_from_hf` turns its config
 and weights into what :func:`detr_irpe.engine.checkpoint.load_checkpoint_file` returns for our
 own files; :func:`save_hf_folder` writes the other way. Reading the weights file itself is the
@@ -173,7 +174,7 @@ def checkpoint_from_hf(hf_state: Mapping[str, Tensor], hf_config: Mapping, sourc
             listed), or the weights do not map exactly onto it (every extra, missing or misshapen
             key is listed).
     """
-    classifier = hf_state.get("class_labels_classifier.weight")
+    classifier = hf_state.get("class_labels_classifier.weight", hf_state.get("detr.class_labels_classifier.weight"))
     categories = categories_from_hf(hf_config)
     num_classes = int(classifier.shape[0]) - 1 if classifier is not None else len(categories)
     model_cfg = model_config_from_hf(hf_config, num_classes, source)
@@ -189,7 +190,8 @@ def save_hf_folder(out_dir: Union[str, os.PathLike], state_dict: Mapping[str, Te
                    categories: Mapping[int, str], backbone_layout: Optional[str] = None,
                    data_config: Optional[DataConfig] = None) -> Path:
     """Write a plain DETR as a transformers model folder (``config.json``, ``preprocessor_config.json``,
-    ``model.safetensors``).
+    ``model.safetensors``); a segmentation model (``model.masks``) as a ``DetrForSegmentation``, whose
+    ``pred_masks`` are ours.
 
     ``transformers.DetrForObjectDetection.from_pretrained(out_dir)`` loads it and computes the
     same ``logits`` / ``pred_boxes`` as our ``pred_logits`` / ``pred_boxes``, and

@@ -10,6 +10,7 @@ signature, same outputs plus ``pred_masks``, and ``backbone``, ``transformer``, 
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -18,7 +19,14 @@ from torch import Tensor, nn
 
 from .detr import DETR, DecoderPass, _as_batch
 
-GROUPS = 8  # groups of every GroupNorm of the mask head, as in DETR
+GROUPS = 8  # groups of the mask head's GroupNorms, as in DETR (see group_norm)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """DETR's ``GroupNorm(8, channels)``; for a narrower head, whose widths 8 does not divide (the CPU
+    demo's hidden_dim 64 with 4 heads: 68 and 4 channels), the largest group count dividing both 8
+    and ``channels``. The group count holds no weights: the state dict is the same either way."""
+    return nn.GroupNorm(math.gcd(GROUPS, channels), channels)
 
 
 class MHAttentionMap(nn.Module):
@@ -75,10 +83,10 @@ class MaskHeadSmallConv(nn.Module):
         super().__init__()
         widths = [dim] + [context_dim // f for f in (2, 4, 8, 16)]
         self.lay1 = nn.Conv2d(dim, dim, 3, padding=1)
-        self.gn1 = nn.GroupNorm(GROUPS, dim)
+        self.gn1 = group_norm(dim)
         for i in range(2, 6):  # lay2..lay5, gn2..gn5
             setattr(self, f"lay{i}", nn.Conv2d(widths[i - 2], widths[i - 1], 3, padding=1))
-            setattr(self, f"gn{i}", nn.GroupNorm(GROUPS, widths[i - 1]))
+            setattr(self, f"gn{i}", group_norm(widths[i - 1]))
         self.out_lay = nn.Conv2d(widths[4], 1, 3, padding=1)
         for i, fpn_dim in enumerate(fpn_dims, start=1):  # adapter1..adapter3, to widths 1..3
             setattr(self, f"adapter{i}", nn.Conv2d(fpn_dim, widths[i], 1))
@@ -185,7 +193,9 @@ class DETRsegm(nn.Module):
         (fine, _), (middle, _), (coarse, _) = run.levels[:3]
         attention = self.bbox_attention(run.hs[-1], run.memory, mask=run.mask)
         masks = self.mask_head(run.projected, attention, [coarse, middle, fine])
-        return masks.view(attention.shape[0], attention.shape[1], *masks.shape[-2:])
+        # (B Q, 1, H4, W4) -> (B, Q, H4, W4) without a reshape across the size-1 channel, which
+        # torch.export could not prove valid for every dynamic height
+        return masks[:, 0].unflatten(0, attention.shape[:2])
 
     def masks_per_image(self, run: DecoderPass) -> Tuple[Tensor, Tensor]:
         """Mask logits ``(B, Q, H4, W4)``, each image's computed on its own region of every level and
@@ -210,4 +220,4 @@ def region_sizes(mask: Tensor) -> Tensor:
     return torch.stack([valid.any(2).sum(1), valid.any(1).sum(1)], dim=1)
 
 
-__all__ = ["DETRsegm", "MHAttentionMap", "MaskHeadSmallConv", "region_sizes"]
+__all__ = ["DETRsegm", "MHAttentionMap", "MaskHeadSmallConv", "group_norm", "region_sizes"]

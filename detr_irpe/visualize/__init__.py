@@ -1,6 +1,7 @@
 """Pictures of a detector: boxes on images, attention maps, learned iRPE tables, training curves.
 
-* :mod:`.boxes` — predicted / ground-truth boxes with class names and scores, panels with titles.
+* :mod:`.boxes` — predicted / ground-truth boxes with class names and scores (and instance masks),
+  panels with titles.
 * :mod:`.forward` — one forward pass on one image, keeping what the pictures need.
 * :mod:`.attention` — encoder self-attention of a pixel, decoder cross-attention per detection.
 * :mod:`.rpe_tables` — the learned iRPE lookup tables of every encoder layer (matplotlib).

@@ -1,4 +1,4 @@
-"""Boxes with class names and scores on images; panels side by side, with titles."""
+"""Boxes with class names and scores (and instance masks) on images; panels side by side, with titles."""
 from __future__ import annotations
 
 import colorsys
@@ -9,11 +9,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..files import atomic_write
 
 TITLE_HEIGHT = 24  # pixels of the title strip above each panel
+MASK_ALPHA = 0.5  # opacity of a mask's class colour over the image
 
 
 def class_color(label: int) -> tuple:
@@ -24,14 +25,17 @@ def class_color(label: int) -> tuple:
 
 
 def draw_detections(image: Tensor, boxes: Tensor, labels: Tensor, scores: Optional[Tensor] = None,
-                    names: Optional[Dict[int, str]] = None, width: int = 2) -> Tensor:
-    """Boxes with class names (and scores) drawn on an image.
+                    names: Optional[Dict[int, str]] = None, width: int = 2, masks: Optional[Tensor] = None,
+                    mask_alpha: float = MASK_ALPHA) -> Tensor:
+    """Boxes with class names (and scores) drawn on an image, over the instance masks when given.
 
     Args:
         image: ``(3, H, W)`` uint8.
         boxes: ``(N, 4)`` absolute ``(x1, y1, x2, y2)`` in the image's pixels.
         labels: ``(N,)`` class ids; ``names`` maps them to text.
         scores: ``(N,)`` in [0, 1], shown next to the name when given.
+        masks: ``(N, H, W)`` bool, each filled in its box's class colour at opacity ``mask_alpha``
+            (``torchvision.utils.draw_segmentation_masks``), under the boxes.
     Returns:
         ``(3, H, W)`` uint8.
     """
@@ -45,6 +49,11 @@ def draw_detections(image: Tensor, boxes: Tensor, labels: Tensor, scores: Option
             text += f" {float(scores[i]):.2f}"
         texts.append(text)
     colors = [class_color(int(l)) for l in labels.tolist()]
+    if masks is not None:
+        if masks.shape != (len(boxes), *image.shape[-2:]):
+            raise ValueError(f"masks must be (N, H, W) = ({len(boxes)}, {image.shape[-2]}, {image.shape[-1]}), "
+                             f"got {tuple(masks.shape)}")
+        image = draw_segmentation_masks(image, masks.bool().cpu(), alpha=mask_alpha, colors=colors)
     font_size = max(10, min(image.shape[-2:]) // 32)
     # black text on a label box of the class colour (``fill_labels``, torchvision >= 0.20)
     filled = {"fill_labels": True}
@@ -143,17 +152,21 @@ def prediction_vs_ground_truth(image: Tensor, prediction: Dict[str, Tensor], gro
 
     Args:
         image: ``(3, H, W)`` uint8.
-        prediction: ``boxes`` ``(N, 4)`` absolute xyxy, ``labels`` ``(N,)``, ``scores`` ``(N,)``.
-        ground_truth: ``boxes`` and ``labels`` like ``prediction``; None draws the prediction only.
+        prediction: ``boxes`` ``(N, 4)`` absolute xyxy, ``labels`` ``(N,)``, ``scores`` ``(N,)``, and
+            optionally ``masks`` ``(N, H, W)`` bool (drawn under the boxes).
+        ground_truth: ``boxes`` and ``labels`` (and ``masks``) like ``prediction``; None draws the
+            prediction only.
         names: class id -> name.
     Returns:
         ``(3, title_height + H, 2 W + gap)`` uint8 (``(3, title_height + H, W)`` without ground truth).
     """
-    pred = draw_detections(image, prediction["boxes"], prediction["labels"], prediction.get("scores"), names)
+    pred = draw_detections(image, prediction["boxes"], prediction["labels"], prediction.get("scores"), names,
+                           masks=prediction.get("masks"))
     n = len(prediction["boxes"])
     panels, titles = [pred], [f"prediction ({n} box{'es' if n != 1 else ''})"]
     if ground_truth is not None:
-        panels.append(draw_detections(image, ground_truth["boxes"], ground_truth["labels"], None, names))
+        panels.append(draw_detections(image, ground_truth["boxes"], ground_truth["labels"], None, names,
+                                      masks=ground_truth.get("masks")))
         m = len(ground_truth["boxes"])
         titles.append(f"ground truth ({m} box{'es' if m != 1 else ''})")
     return titled_row(panels, titles, gap=gap, title_height=title_height)

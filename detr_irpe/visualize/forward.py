@@ -33,6 +33,7 @@ class ForwardResult:
             head-averaged, or None.
         original_hw: ``(H, W)`` of the original image; ``image`` and ``boxes`` may be drawn larger
             (see :meth:`scaled`), but pixel coordinates given by users refer to the original image.
+        masks: ``(Q, H, W)`` bool, each query's mask over ``image``, for a segmentation model; else None.
     """
 
     image: Tensor
@@ -44,6 +45,7 @@ class ForwardResult:
     boxes: Tensor
     attention: Optional[Dict[str, list]] = None
     original_hw: Optional[Tuple[int, int]] = None
+    masks: Optional[Tensor] = None
 
     def __post_init__(self):
         if self.original_hw is None:
@@ -54,7 +56,8 @@ class ForwardResult:
         return int(self.image.shape[1]), int(self.image.shape[2])
 
     def scaled(self, factor: float) -> "ForwardResult":
-        """The same result drawn ``factor`` times larger (image resized bilinearly, boxes scaled)."""
+        """The same result drawn ``factor`` times larger (image resized bilinearly, boxes scaled, masks
+        resized nearest)."""
         if factor == 1:
             return self
         H, W = self.image_hw
@@ -63,15 +66,22 @@ class ForwardResult:
         image = image[0].round().clamp(0, 255).to(torch.uint8)
         fy, fx = size[0] / H, size[1] / W
         boxes = self.boxes * torch.tensor([fx, fy, fx, fy])
-        return dataclasses.replace(self, image=image, boxes=boxes)
+        masks = self.masks
+        if masks is not None:
+            masks = F.interpolate(masks[None].float(), size=size, mode="nearest")[0].bool()
+        return dataclasses.replace(self, image=image, boxes=boxes, masks=masks)
 
     def detections(self, threshold: float = 0.7, max_detections: Optional[int] = None) -> Dict[str, Tensor]:
-        """Queries scoring at least ``threshold``, best first: ``queries`` (indices), ``boxes``, ``labels``, ``scores``."""
+        """Queries scoring at least ``threshold``, best first: ``queries`` (indices), ``boxes``, ``labels``,
+        ``scores``, and ``masks`` for a segmentation model."""
         keep = torch.nonzero(self.scores >= threshold).flatten()
         keep = keep[self.scores[keep].argsort(descending=True)]
         if max_detections is not None:
             keep = keep[:max_detections]
-        return {"queries": keep, "boxes": self.boxes[keep], "labels": self.labels[keep], "scores": self.scores[keep]}
+        found = {"queries": keep, "boxes": self.boxes[keep], "labels": self.labels[keep], "scores": self.scores[keep]}
+        if self.masks is not None:
+            found["masks"] = self.masks[keep]
+        return found
 
 
 def display_scale(image_hw: Tuple[int, int], min_size: Optional[int]) -> float:
@@ -109,4 +119,4 @@ def run_model(model: nn.Module, postprocessor: nn.Module, data_cfg, image: Tenso
     feature_hw = tuple(int(s) for s in outputs["feature_hw"]) if "feature_hw" in outputs else None
     return ForwardResult(image=image, input_hw=input_hw, padded_hw=tuple(batch.shape[-2:]), feature_hw=feature_hw,
                          scores=det["scores"].cpu(), labels=det["labels"].cpu(), boxes=det["boxes"].cpu(),
-                         attention=attention)
+                         attention=attention, masks=det["masks"].cpu() if "masks" in det else None)

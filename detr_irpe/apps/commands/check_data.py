@@ -18,6 +18,9 @@ def add_arguments(p) -> None:
     p.add_argument("--workers", type=int, default=None, help="threads decoding images (default: up to 8)")
     p.add_argument("--examples", type=int, default=3, help="examples shown per kind of problem")
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    p.add_argument("--masks", action="store_true",
+                   help="check the segmentations too, as instance-segmentation training reads them (implied by "
+                        "a --config with model.masks=true)")
     options.overrides(p)
 
 
@@ -27,9 +30,9 @@ def run(args) -> int:
     if args.annotations:
         if args.config or args.overrides:
             raise UsageError("give either --annotations (with --images) or --config [overrides], not both")
-        reports = {"dataset": check_dataset(args.annotations, args.images, **settings)}
+        reports = {"dataset": check_dataset(args.annotations, args.images, masks=args.masks, **settings)}
     else:
         cfg = load_config(args.config, args.overrides)
         splits = ("train", "val") if args.split == "both" else (args.split,)
-        reports = check_config_splits(cfg.data, splits, **settings)
+        reports = check_config_splits(cfg.data, splits, masks=args.masks or cfg.model.masks, **settings)
     return report_and_exit_code(reports, strict=args.strict, max_examples=args.examples)

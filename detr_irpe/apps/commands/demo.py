@@ -1,4 +1,5 @@
-"""detr-irpe demo: synthetic shapes, a small DETR-iRPE trained on a fixed schedule, COCO mAP, pictures."""
+"""detr-irpe demo: synthetic shapes, a small DETR-iRPE trained on a fixed schedule, COCO mAP, pictures
+(with --masks, then its mask head on the frozen detector: mask AP, masks drawn)."""
 from __future__ import annotations
 
 from ..demo import DemoSettings, run_demo
@@ -24,7 +25,13 @@ def add_arguments(p) -> None:
     p.add_argument("--num-pictures", type=int, default=d.num_pictures,
                    help="validation images drawn with predictions vs ground truth (default %(default)s)")
     p.add_argument("--no-pictures", action="store_true", help="skip the pictures")
-    p.add_argument("--max-iterations", type=int, help="stop training after this many iterations (a quick look)")
+    p.add_argument("--max-iterations", type=int,
+                   help="stop training (each stage) after this many iterations (a quick look)")
+    p.add_argument("--masks", action="store_true",
+                   help="then train DETR's mask head on the frozen detector (1500 iterations, into "
+                        "<output-dir>/masks), evaluate mask AP and draw the masks")
+    p.add_argument("--detector", help="with --masks: the detection checkpoint to freeze (e.g. an earlier "
+                                      "demo's outputs/demo/checkpoint.pth) instead of training one")
     options.overrides(p)
 
 
@@ -37,5 +44,6 @@ def run(args) -> int:
     run_demo(DemoSettings(config=args.config, overrides=overrides, output_dir=args.output_dir,
                           data_root=args.data_root, budget_minutes=args.budget_minutes, num_train=args.num_train,
                           num_val=args.num_val, image_size=args.image_size, num_pictures=args.num_pictures,
-                          pictures=not args.no_pictures, max_iterations=args.max_iterations))
+                          pictures=not args.no_pictures, max_iterations=args.max_iterations, masks=args.masks,
+                          detector=args.detector))
     return 0
