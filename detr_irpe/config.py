@@ -99,12 +99,39 @@ class DataConfig:
 
 
 @dataclass
+class EMAConfig:
+    """``train.ema``: an exponential moving average of the weights, updated after every optimizer
+    step with decay ``decay * (1 - exp(-updates / warmup_steps))`` (RT-DETR's ModelEMA ramp; 0
+    warmup steps: ``decay`` from the first update). Validation, the best checkpoint and inference
+    use the averaged weights."""
+
+    decay: float = 0.9999
+    warmup_steps: int = 2000
+
+
+ACTIVATION_CHECKPOINTING = ("backbone", "encoder", "decoder")  # the parts train.activation_checkpointing names
+LOSS_NORMALIZATIONS = ("global", "official")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, schedule, checkpoints and logging."""
 
     output_dir: str = "outputs/run"
     epochs: int = 150
-    batch_size: int = 2  # per process
+    batch_size: int = 2  # per process and forward pass
+    # micro-batches of batch_size per optimizer step (gradient accumulation): one step equals one batch
+    # of accumulate x batch_size images; epochs, the LR schedule, logging and max_iters_per_epoch count steps
+    accumulate: int = 1
+    # what the losses are divided by when a step spans micro-batches or processes. global: counts over
+    # the step's whole batch (every process, every micro-batch), so processes x micro-batches x images
+    # equals one batch of them all, every loss. official: DETR's under DDP, the box losses over all
+    # processes' boxes, the classification loss a weighted mean over each process's own images (the default:
+    # official DETR's training step, exactly; both are exact across micro-batches of one process)
+    loss_normalization: str = "official"
+    batched_backbone: bool = True  # False: the CNN sees each image unpadded (slower; see README)
+    activation_checkpointing: list = field(default_factory=list)  # any of backbone, encoder, decoder
+    ema: Optional[EMAConfig] = None  # e.g. {decay: 0.9999, warmup_steps: 2000}; null: none (DETR)
     lr: float = 1e-4
     lr_backbone: float = 1e-5
     weight_decay: float = 1e-4
@@ -161,9 +188,10 @@ def _type_name(tp) -> str:
 
 
 def _coerce(value: Any, tp, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (int, float, str, bool, list, Optional[...])."""
+    """Check ``value`` against the annotation ``tp`` (int, float, str, bool, list, Optional[...], or a
+    dataclass such as :class:`EMAConfig`, given as a mapping of its fields)."""
     if isinstance(tp, str):  # postponed annotations
-        tp = eval(tp, vars(typing), {})  # noqa: S307 - annotations of this module only
+        tp = eval(tp, {**vars(typing), **globals()}, {})  # noqa: S307 - annotations of this module only
     origin = typing.get_origin(tp)
     if origin in (Union, getattr(types, "UnionType", Union)):
         args = typing.get_args(tp)
@@ -207,7 +235,24 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if isinstance(value, (list, tuple)):
             return list(value)
         raise ConfigError(f"{where}: expected a list like [1, 2], got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _coerce_mapping(value, tp, where)
     return value
+
+
+def _coerce_mapping(value: Any, tp, where: str) -> Any:
+    """A ``tp`` dataclass from a mapping of some of its fields (the others keep their defaults)."""
+    if isinstance(value, tp):
+        return value
+    fields = {f.name: f for f in dataclasses.fields(tp)}
+    example = "{" + ", ".join(f"{name}: {f.default}" for name, f in fields.items()) + "}"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping like {example} or null, got {value!r}")
+    for key in value:
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{key}'.{_closest(str(key), fields)} "
+                              f"Valid keys: {', '.join(fields)}")
+    return tp(**{key: _coerce(v, fields[key].type, f"{where}.{key}") for key, v in value.items()})
 
 
 def _set(section_obj, section: str, key: str, value: Any) -> None:
@@ -364,6 +409,16 @@ def validate(cfg: Config) -> Config:
     need(m.rpe_impl in RPE_IMPLS, f"model.rpe_impl must be one of {', '.join(RPE_IMPLS)}, got {m.rpe_impl!r}")
     need(t.epochs > 0, f"train.epochs must be > 0, got {t.epochs}")
     need(t.batch_size > 0, f"train.batch_size must be > 0, got {t.batch_size}")
+    need(t.accumulate >= 1, f"train.accumulate must be >= 1 (micro-batches per optimizer step), got {t.accumulate}")
+    need(t.loss_normalization in LOSS_NORMALIZATIONS,
+         f"train.loss_normalization must be {' or '.join(LOSS_NORMALIZATIONS)}, got {t.loss_normalization!r}")
+    unknown = [p for p in t.activation_checkpointing if p not in ACTIVATION_CHECKPOINTING]
+    need(not unknown and len(set(t.activation_checkpointing)) == len(t.activation_checkpointing),
+         f"train.activation_checkpointing: a list of distinct parts among {', '.join(ACTIVATION_CHECKPOINTING)}, "
+         f"got {t.activation_checkpointing}")
+    if t.ema is not None:
+        need(0.0 < t.ema.decay < 1.0, f"train.ema.decay must be in (0, 1), got {t.ema.decay}")
+        need(t.ema.warmup_steps >= 0, f"train.ema.warmup_steps must be >= 0 (0: no ramp), got {t.ema.warmup_steps}")
     need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     need(t.lr_backbone >= 0, f"train.lr_backbone must be >= 0, got {t.lr_backbone}")
     need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
@@ -393,14 +448,13 @@ def validate(cfg: Config) -> Config:
 
 def mask_head_problems(hidden_dim: int, nheads: int) -> list:
     """Why DETR's mask head cannot be built for ``hidden_dim`` / ``nheads`` (empty if it can): its
-    group norms (8 groups, as DETR) need ``hidden_dim + nheads`` and ``hidden_dim // 2, 4, 8, 16``
-    channels divisible by 8, e.g. hidden_dim 256 (DETR) or 128 with nheads 8."""
-    channels = [hidden_dim + nheads] + [hidden_dim // f for f in (2, 4, 8, 16)]
-    if all(c > 0 and c % 8 == 0 for c in channels):
+    inner widths are ``hidden_dim // 2, 4, 8, 16`` channels, so ``hidden_dim`` must be at least 16.
+    (Its group norms take 8 groups where the widths allow, as DETR, else fewer: see
+    ``models.segmentation.group_norm``.)"""
+    if hidden_dim >= 16:
         return []
-    return [f"model.masks: the mask head's group norms (8 groups) need hidden_dim + nheads and hidden_dim / 2, "
-            f"/ 4, / 8, / 16 divisible by 8, got channels {channels} (hidden_dim {hidden_dim}, nheads {nheads}); "
-            f"use e.g. hidden_dim 256 or 128 with nheads 8"]
+    return [f"model.masks: the mask head narrows hidden_dim to hidden_dim / 16 channels, which needs hidden_dim "
+            f">= 16, got {hidden_dim}"]
 
 
 def save_config(cfg: Config, path: Union[str, Path]) -> None:

@@ -1,5 +1,6 @@
 """Fixtures shared by the test files (helpers without fixtures are in helpers.py)."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,9 @@ from helpers import save_tiny_checkpoint
 
 
 def pytest_configure(config):
+    # Subprocesses (CLIs, interpreter runs, torchrun) import this checkout, installed or not.
+    repo = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
     if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each
         torch.set_num_threads(1)
 

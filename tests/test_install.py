@@ -35,8 +35,9 @@ def test_a_wheel_install_runs_from_another_folder(tmp_path):
     env_dir = tmp_path / "env"
     python = venv_seeing_these_packages(env_dir)
     wheel = next(wheels.glob("detr_irpe-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
-                   check=True, capture_output=True, cwd=tmp_path)
+    # --ignore-installed: the runner's own detr_irpe (seen through the .pth) must not satisfy it
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+                    "--ignore-installed", str(wheel)], check=True, capture_output=True, cwd=tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

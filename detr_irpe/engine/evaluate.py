@@ -18,7 +18,7 @@ from . import distributed as du
 from .inference import load_detector
 from .step import autocast_context, to_device
 
-EVAL_FILES = ("metrics.json", "detections.json")
+EVAL_FILES = ("metrics.json", "detections.json", "segm_detections.json")  # the last for a segmentation model
 # the outputs post-processing reads (the rest, auxiliary outputs, stays behind)
 POSTPROCESSED = ("pred_logits", "pred_boxes", "pred_masks", "input_sizes", "pred_masks_sizes")
 
@@ -60,7 +60,8 @@ def evaluate(model: nn.Module, postprocessor: nn.Module, dataset, device: torch.
     """COCO bbox mAP of ``model`` on ``dataset`` (and mask mAP for a segmentation model); detections
     gathered from every process.
 
-    Writes ``detections.json`` and ``metrics.json`` into ``output_dir`` (main process) and
+    Writes ``detections.json`` (and ``segm_detections.json`` for masks) and ``metrics.json`` into
+    ``output_dir`` (main process) and
     returns the metrics (the 12 standard numbers, per-class AP, for masks the same prefixed
     ``segm_``, and, given ``caveats`` (what makes them less than they seem), ``warnings``) on every
     process. Prints pycocotools' table and the per-class AP if ``table`` and not ``quiet``.
@@ -112,7 +113,8 @@ def evaluate_checkpoint(checkpoint: str, config_path: Optional[str] = None, over
                         strict: bool = False) -> dict:
     """COCO mAP of a checkpoint file (ours, official DETR, iRPE model zoo) on the config's val split.
 
-    Writes ``metrics.json`` and ``detections.json`` into ``output_dir`` (see
+    Writes ``metrics.json`` and ``detections.json`` (a segmentation model also ``segm_detections.json``,
+    its masks as COCO segmentation results) into ``output_dir`` (see
     :func:`eval_output_dir`; the folder is in the returned metrics as ``output_dir``).
     ``batched_backbone``: run the CNN on padded batches, as training does (see :func:`predict_dataset`).
     When the model's classes are not the annotations' categories the AP measures nothing: that is

@@ -19,6 +19,8 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, iters_per_epoch: int):
     """The learning-rate schedule of ``cfg`` (a ``TrainConfig``) and whether it steps every iteration.
+    An iteration is an optimizer step (``train.accumulate`` micro-batches); ``iters_per_epoch``
+    counts them.
 
     ``lr_schedule=step`` without warmup is DETR's ``StepLR`` (divide by 10 at epoch ``lr_drop``),
     stepped once per epoch. Warmup or ``lr_schedule=cosine`` give a per-iteration ``LambdaLR``:

@@ -1,14 +1,18 @@
-"""One training iteration, shared by the training loop, the demo's timing, the benchmarks and the tests."""
+"""One optimizer step (its micro-batches, clipping, the step, the EMA), shared by the training loop, the demo's
+timing, the benchmarks and the tests."""
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import DetrIrpeError
+from ..models.criterion import LossNormalizers
+from . import distributed as du
+from .ema import ModelEMA
 
 Batch = Tuple[Tensor, Tensor, List[Dict[str, Tensor]]]  # images (B, 3, H, W), masks (B, H, W), targets
 
@@ -19,8 +23,8 @@ class NonFiniteLossError(DetrIrpeError, FloatingPointError):
 
 @dataclass
 class StepResult:
-    """What :func:`train_step` did: the weighted loss (None if the batch was skipped), every loss
-    term (detached scalars), and the reason a non-finite batch was skipped."""
+    """What :func:`train_step` did: the weighted loss (None if the step was skipped), every loss
+    term and metric (detached scalars), and the reason a non-finite step was skipped."""
 
     loss: Optional[float]
     losses: Dict[str, Tensor]
@@ -53,33 +57,109 @@ def check_finite(loss: Tensor, loss_dict: Dict[str, Tensor], weight_dict, where:
             f"Lower train.lr, check the data (tools/check_data.py) or set train.skip_nonfinite=true to skip such batches")
 
 
-def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, *,
-               amp: str = "none", scaler: Optional[torch.amp.GradScaler] = None, clip_max_norm: float = 0.0,
-               skip_nonfinite: bool = False, where: str = "this iteration") -> StepResult:
-    """Forward (under ``amp`` autocast), loss, non-finite check, backward (through ``scaler``, for
-    fp16), gradient clipping to ``clip_max_norm`` (0: none) and one optimizer step.
+def step_normalizers(criterion: nn.Module, model: nn.Module, batches: Sequence[Batch],
+                     normalization: str = "official") -> Optional[LossNormalizers]:
+    """What the losses of one optimizer step over ``batches`` (this process's micro-batches) are
+    divided by, from their targets, summed over processes (one all-reduce); None where each
+    criterion call's own are the same thing (one batch in one process, or ``official`` with one
+    batch: DETR's computation, unchanged).
 
-    ``batch`` is on the model's device. A non-finite loss raises :class:`NonFiniteLossError`
-    naming ``where`` and the offending terms, or with ``skip_nonfinite`` leaves the weights alone
-    and returns the reason in ``skipped``.
+    ``global``: the counts of the whole step, every micro-batch of every process. DDP averages
+    the gradients over the ``W`` processes, so each divides by ``count / W``: ``W`` processes x
+    ``k`` micro-batches x ``B`` images equal one batch of ``W k B``, every loss.
+    ``official``: DETR's under DDP. The box count is averaged over processes (at least 1), the
+    cross-entropy a weighted mean over this process's own micro-batches.
     """
-    images, masks, targets = batch
-    with autocast_context(images.device, amp):
-        outputs = model(images, masks)
-    loss_dict = criterion(outputs, targets)
-    loss = criterion.weighted_loss(loss_dict)
-    losses = {k: v.detach() for k, v in loss_dict.items() if v.dim() == 0}
-    problem = check_finite(loss, loss_dict, criterion.weight_dict, where)
-    optimizer.zero_grad(set_to_none=True)
-    if problem is not None:
-        if not skip_nonfinite:
-            raise NonFiniteLossError(problem)
-        return StepResult(None, losses, problem)
-    scaler = scaler if scaler is not None else torch.amp.GradScaler(images.device.type, enabled=False)
-    scaler.scale(loss).backward()
+    world = du.get_world_size()
+    if len(batches) == 1 and (world == 1 or normalization == "official"):
+        return None
+    detr = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    groups = detr.query_groups if detr.training else 1
+    counts = [criterion.batch_counts(targets, detr.num_queries, groups) for _, _, targets in batches]
+    boxes, weight = (sum(c[i] for c in counts) for i in range(2))
+    if world == 1:
+        total_boxes, total_weight = boxes, weight
+    else:
+        device = next(detr.parameters()).device
+        summed = torch.tensor([boxes, weight], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(summed)
+        total_boxes, total_weight = summed.tolist()
+    if normalization == "official":
+        return LossNormalizers(num_boxes=max(total_boxes / world, 1.0), class_weight=weight)
+    return LossNormalizers(num_boxes=max(total_boxes, 1.0) / world, class_weight=total_weight / world)
+
+
+def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+               batch: Union[Batch, Sequence[Batch]], *, amp: str = "none",
+               scaler: Optional[torch.amp.GradScaler] = None, clip_max_norm: float = 0.0,
+               skip_nonfinite: bool = False, where: str = "this iteration", normalization: str = "official",
+               batched_backbone: bool = True, ema: Optional[ModelEMA] = None,
+               device: Optional[torch.device] = None) -> StepResult:
+    """One optimizer step: for each micro-batch forward (under ``amp`` autocast), loss, non-finite
+    check and backward (through ``scaler``, for fp16); then gradient clipping to ``clip_max_norm``
+    (0: none), the optimizer step and the ``ema`` update.
+
+    ``batch`` is one batch, or a list of micro-batches that together make the step's batch
+    (gradient accumulation): their losses are divided by the counts of the whole step
+    (:func:`step_normalizers` with ``normalization``), so the step equals one over all their
+    images. Under DDP only the last micro-batch's backward synchronises the gradients. Batches are
+    on the model's device, or moved to ``device`` one at a time before their forward.
+    ``batched_backbone=False`` runs the CNN on each image unpadded (see ``DETR.forward``).
+
+    A non-finite loss raises :class:`NonFiniteLossError` naming ``where`` and the offending terms,
+    or with ``skip_nonfinite`` leaves the weights alone and returns the reason in ``skipped``.
+    The result holds the step's loss and loss terms (summed over micro-batches) and metrics
+    (averaged over them).
+    """
+    batches = [batch] if torch.is_tensor(batch[0]) else list(batch)
+    normalizers = step_normalizers(criterion, model, batches, normalization)
+    forward_options = {} if batched_backbone else {"batched_backbone": False}
+    scaler = scaler if scaler is not None else torch.amp.GradScaler(_device_of(batches[0], device).type, enabled=False)
+    total, parts = 0.0, []
+    for i, micro in enumerate(batches):
+        images, masks, targets = micro if device is None else to_device(*micro, device)
+        last = i == len(batches) - 1
+        here = where if len(batches) == 1 else f"{where}, micro-batch {i} of {len(batches)}"
+        with contextlib.nullcontext() if last else _no_sync(model):
+            with autocast_context(images.device, amp):
+                outputs = model(images, masks, **forward_options)
+            loss_dict = criterion(outputs, targets) if normalizers is None else criterion(outputs, targets, normalizers)
+            loss = criterion.weighted_loss(loss_dict)
+            parts.append({k: v.detach() for k, v in loss_dict.items() if v.dim() == 0})
+            problem = check_finite(loss, loss_dict, criterion.weight_dict, here)
+            if i == 0:
+                optimizer.zero_grad(set_to_none=True)
+            if problem is not None:
+                optimizer.zero_grad(set_to_none=True)
+                if not skip_nonfinite:
+                    raise NonFiniteLossError(problem)
+                return StepResult(None, _combine(parts), problem)
+            scaler.scale(loss).backward()
+        total += loss.item()
     if clip_max_norm > 0:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
     scaler.step(optimizer)
     scaler.update()
-    return StepResult(loss.item(), losses)
+    if ema is not None:
+        ema.update(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
+    return StepResult(total, _combine(parts))
+
+
+def _device_of(batch: Batch, device: Optional[torch.device]) -> torch.device:
+    return torch.device(device) if device is not None else batch[0].device
+
+
+def _no_sync(model: nn.Module):
+    """DDP's ``no_sync()`` (backward keeps the gradients local), a no-op for a plain module."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _combine(parts: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    """One step's terms from its micro-batches': losses (``loss*``, shares of the step's) summed,
+    metrics (class and cardinality errors) averaged."""
+    if len(parts) == 1:
+        return parts[0]
+    return {k: sum(p[k] for p in parts) / (1 if k.startswith("loss") else len(parts)) for k in parts[0]}

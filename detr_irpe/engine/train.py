@@ -1,4 +1,5 @@
-"""The training loop: AdamW, step or cosine LR, gradient clipping, autocast, checkpoints, exact resume, DDP."""
+"""The training loop: AdamW, step or cosine LR, gradient clipping, autocast, gradient accumulation,
+activation checkpointing, a weight EMA, checkpoints, exact resume, DDP."""
 from __future__ import annotations
 
 import math
@@ -12,22 +13,24 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import Config, save_config
+from ..config import Config, ConfigError, save_config
 from ..data import build_dataloader, build_train_val_datasets, set_epoch
 from ..errors import TrainingStopped
 from ..evaluation import ClassMismatchWarning, class_mismatch
 from ..files import OutputError, free_space
 from ..models import build_detr
+from ..models.checkpointing import set_activation_checkpointing
 from . import distributed as du
 from .checkpoint import (load_checkpoint_file, load_for_finetuning, load_frozen_weights, load_model_weights,
                          require_training_checkpoint, state_dict_from_checkpoint)
+from .ema import ModelEMA
 from .evaluate import evaluate
 from .logger import JsonlWriter, MetricLogger
 from .optim import build_optimizer, build_scheduler
 from .pretrain import pretrain_for_run
 from .run_folder import logged_epochs, prepare_run_folder, set_aside_later_records
 from .state import CheckpointKeeper, capture_rng, restore_rng
-from .step import to_device, train_step
+from .step import train_step
 from .stop import StopRequest
 from .tensorboard import TensorBoardWriter, validation_pictures
 
@@ -42,6 +45,13 @@ class Trainer:
     another run (:func:`~detr_irpe.engine.run_folder.prepare_run_folder`); every listed image
     file must exist before any training time is spent. With ``train.frozen_weights`` the detector
     is frozen (and, in a new run, loaded from that file): only the mask head trains.
+
+    An iteration is an optimizer step over ``train.accumulate`` micro-batches of
+    ``train.batch_size`` images (per process): ``iters_per_epoch``, ``step_in_epoch``,
+    ``global_step``, the LR schedule, logging, ``max_iters_per_epoch`` and stops on a signal count
+    steps. With ``train.ema`` the averaged weights (``ema.module``) are what validation measures,
+    ``checkpoint_best.pth`` keeps and a checkpoint's ``model`` holds; the trained ones are under
+    ``training_weights`` (see :meth:`state`).
     """
 
     def __init__(self, cfg: Config, resume: Optional[str] = None, quiet: bool = False,
@@ -64,10 +74,16 @@ class Trainer:
         self.model, self.criterion, self.postprocessor = build_detr(cfg.model)
         if t.frozen_weights:  # before the optimizer is built: it takes the parameters that train
             self.model.freeze_detr()
+        set_activation_checkpointing(self.model, t.activation_checkpointing)
         self.model.to(self.device)
         self.criterion.to(self.device)
         self.optimizer = build_optimizer(self.model, t)
-        self.iters_per_epoch = len(build_dataloader(self.train_set, t.batch_size, train=True))  # per process
+        batches = len(build_dataloader(self.train_set, t.batch_size, train=True))  # per process
+        self.iters_per_epoch = batches // t.accumulate  # optimizer steps; a last incomplete one is dropped
+        if self.iters_per_epoch == 0:
+            raise ConfigError(f"train.accumulate={t.accumulate} needs {t.accumulate} batches of {t.batch_size} "
+                              f"per process for one optimizer step, and an epoch has {batches}: lower "
+                              f"train.accumulate or train.batch_size")
         if t.max_iters_per_epoch:
             self.iters_per_epoch = min(self.iters_per_epoch, t.max_iters_per_epoch)
         self.scheduler, self.step_lr_every_iteration = build_scheduler(self.optimizer, t, self.iters_per_epoch)
@@ -77,8 +93,9 @@ class Trainer:
         self.history: List[dict] = []
         self.pending: Optional[dict] = None  # a finished epoch whose evaluation / log line is still to come
 
+        stored_ema = None
         if resume:
-            self._resume(resume, checkpoint)
+            stored_ema = self._resume(resume, checkpoint)
         elif t.frozen_weights:
             report = load_frozen_weights(self.model, t.frozen_weights)
             self._say(f"detector loaded from {t.frozen_weights} and frozen ({len(report.loaded)} tensors); "
@@ -86,6 +103,7 @@ class Trainer:
         elif t.pretrained:
             report = load_for_finetuning(self.model, state_dict_from_checkpoint(load_checkpoint_file(t.pretrained)))
             self._say(f"initialised from {t.pretrained}: {report}")
+        self.ema = self._start_ema(stored_ema, resume)
 
         self.ddp_model = self.model
         if du.is_distributed():
@@ -126,9 +144,9 @@ class Trainer:
         if free is None:
             return
         tensors = [p for p in self.model.parameters()] + [b for b in self.model.buffers()]
-        size = sum(x.numel() * x.element_size() for x in tensors)
+        size = sum(x.numel() * x.element_size() for x in tensors) * (2 if self.cfg.train.ema else 1)
         trained = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
-        checkpoint = size + 2 * trained  # AdamW keeps two moments per trained parameter
+        checkpoint = size + 2 * trained  # AdamW keeps two moments per trained parameter (and the EMA a copy)
         kept = 2 + self.cfg.train.keep_last  # latest, best, the rolling ones
         mb = lambda n: f"{n / 2**20:.0f} MB"  # noqa: E731
         if free < checkpoint:
@@ -139,9 +157,18 @@ class Trainer:
                           f"this run keeps take about {mb(kept * checkpoint)}", ResourceWarning, stacklevel=2)
 
     # ----------------------------------------------------------------- checkpoints
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validation measures and inference gets: the EMA's with ``train.ema``."""
+        return self.ema.module if self.ema is not None else self.model
+
     def state(self) -> dict:
-        return {
-            "model": self.model.state_dict(),
+        """Everything a resume needs. ``model`` holds the weights to use (``eval_model``: what a
+        predict, eval or export of the checkpoint loads, as from an official DETR file); with
+        ``train.ema`` the trained weights are under ``training_weights`` and the EMA's update
+        count under ``ema``."""
+        state = {
+            "model": self.eval_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -154,17 +181,25 @@ class Trainer:
             "categories": self.train_set.categories,
             "rng": capture_rng(),
         }
+        if self.ema is not None:
+            state["training_weights"] = self.model.state_dict()
+            state["ema"] = self.ema.state()
+        return state
 
     def save(self, epoch_end: bool = False, is_best: bool = False) -> None:
         du.sync_buffers(self.model)
+        if self.ema is not None:
+            du.sync_buffers(self.ema.module)
         if du.is_main_process():
             self.keeper.save(self.state(), epoch_end=epoch_end, is_best=is_best)
         du.barrier()
 
-    def _resume(self, path: str, ckpt: Optional[dict] = None) -> None:
+    def _resume(self, path: str, ckpt: Optional[dict] = None) -> Optional[dict]:
+        """Restore the run of ``path``; returns its EMA (``{"weights", "updates"}``) or None."""
         ckpt = ckpt if ckpt is not None else load_checkpoint_file(path)
         require_training_checkpoint(ckpt, path)
-        load_model_weights(self.model, ckpt["model"], strict=True, source=str(path))
+        self._check_same_steps(ckpt)
+        load_model_weights(self.model, ckpt.get("training_weights", ckpt["model"]), strict=True, source=str(path))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["lr_scheduler"])
         if "scaler" in ckpt:
@@ -180,6 +215,35 @@ class Trainer:
         restore_rng(ckpt.get("rng"))
         self._apply_new_lr(ckpt.get("config", {}).get("train", {}))
         self._say(f"resumed from {path}: epoch {self.epoch}, iteration {self.step_in_epoch} of the epoch")
+        if "training_weights" in ckpt:
+            return {"weights": ckpt["model"], "updates": int(ckpt.get("ema", {}).get("updates", 0))}
+        return None
+
+    def _check_same_steps(self, ckpt: dict) -> None:
+        """A run resumed inside an epoch skips the images its steps took: refuse another number of
+        images per step (``batch_size x accumulate``), which would skip the wrong ones."""
+        t, saved = self.cfg.train, ckpt.get("config", {}).get("train", {})
+        before = saved.get("batch_size", t.batch_size) * saved.get("accumulate", 1)
+        if ckpt.get("step_in_epoch", 0) and before != t.batch_size * t.accumulate:
+            raise ConfigError(f"this checkpoint stopped inside an epoch after steps of {before} images per process "
+                              f"(train.batch_size x train.accumulate); resume with the same product, not "
+                              f"{t.batch_size} x {t.accumulate}, or from an epoch's end (checkpoint_epochNNNN.pth)")
+
+    def _start_ema(self, stored: Optional[dict], resume: Optional[str]) -> Optional[ModelEMA]:
+        """The EMA of ``train.ema``, from the model's weights as they start, or the resumed run's."""
+        settings = self.cfg.train.ema
+        if settings is None:
+            if stored is not None:
+                self._say(f"train.ema=null: the weight average stored in {resume} is dropped; training continues "
+                          f"from its trained weights")
+            return None
+        ema = ModelEMA(self.model, settings.decay, settings.warmup_steps)
+        if stored is not None:
+            load_model_weights(ema.module, stored["weights"], strict=True, source=f"{resume} (EMA)")
+            ema.updates = stored["updates"]
+        elif resume:
+            self._say(f"train.ema: {resume} holds no weight average; it starts here from the trained weights")
+        return ema
 
     def _apply_new_lr(self, saved_train: dict) -> None:
         """A learning rate given now (config or command line) wins over the checkpoint's."""
@@ -204,7 +268,7 @@ class Trainer:
         t = self.cfg.train
         loader = build_dataloader(self.train_set, t.batch_size, train=True, num_workers=self.cfg.data.num_workers,
                                   seed=t.seed)
-        set_epoch(loader, self.epoch, start=self.step_in_epoch * t.batch_size)
+        set_epoch(loader, self.epoch, start=self.step_in_epoch * t.accumulate * t.batch_size)
         return loader
 
     def train_one_epoch(self, stop: StopRequest, deadline: Optional[float] = None) -> Dict[str, float]:
@@ -214,7 +278,7 @@ class Trainer:
         self.ddp_model.train()
         self.criterion.train()
         loader = self._train_loader()
-        total = len(loader) + self.step_in_epoch
+        total = len(loader) // t.accumulate + self.step_in_epoch
         if t.max_iters_per_epoch:
             total = min(total, t.max_iters_per_epoch)
         metrics = MetricLogger()
@@ -222,17 +286,18 @@ class Trainer:
                    dynamic_ncols=True, leave=False)
         start = time.time()
         out_of_time = False
-        for images, masks, targets in loader:
+        for micro_batches in _steps(loader, t.accumulate):
             if self.step_in_epoch >= total:
                 break
-            if stop.agreed(self.device):
+            if stop.agreed(self.device):  # at a step boundary: a resume continues with the next step
                 bar.close()
                 return {"stopped": True}
-            batch = to_device(images, masks, targets, self.device)
-            result = train_step(self.ddp_model, self.criterion, self.optimizer, batch, amp=t.amp, scaler=self.scaler,
-                                clip_max_norm=t.clip_max_norm, skip_nonfinite=t.skip_nonfinite,
+            result = train_step(self.ddp_model, self.criterion, self.optimizer, micro_batches, amp=t.amp,
+                                scaler=self.scaler, clip_max_norm=t.clip_max_norm, skip_nonfinite=t.skip_nonfinite,
                                 where=f"epoch {self.epoch}, iteration {self.step_in_epoch} "
-                                      f"(global step {self.global_step})")
+                                      f"(global step {self.global_step})",
+                                normalization=t.loss_normalization, batched_backbone=t.batched_backbone,
+                                ema=self.ema, device=self.device)
             if result.skipped:
                 self._say("skipping batch: " + result.skipped)
             if self.step_lr_every_iteration:
@@ -267,8 +332,8 @@ class Trainer:
 
     def evaluate(self, output_dir: Optional[Path] = None, table: bool = True) -> Dict[str, float]:
         """COCO metrics on the validation split; ``table``: print pycocotools' table (unless quiet)."""
-        du.sync_buffers(self.model)
-        return evaluate(self.model, self.postprocessor, self.val_set, self.device,
+        du.sync_buffers(self.eval_model)
+        return evaluate(self.eval_model, self.postprocessor, self.val_set, self.device,
                         batch_size=self.cfg.train.batch_size, num_workers=self.cfg.data.num_workers,
                         output_dir=output_dir or self.output_dir, amp=self.cfg.train.amp, quiet=self.quiet,
                         table=table)
@@ -344,7 +409,7 @@ class Trainer:
         if self.pending["evaluate"]:
             metrics = self.evaluate(table=self.epoch >= t.epochs or record.get("out_of_time", False))
             if self.tensorboard.writer is not None:
-                pictures = validation_pictures(self.model, self.postprocessor, self.val_set, self.cfg.data,
+                pictures = validation_pictures(self.eval_model, self.postprocessor, self.val_set, self.cfg.data,
                                                t.tensorboard_images, self.device)
                 self.tensorboard.evaluation(metrics, pictures, self.global_step)
             record.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -358,6 +423,17 @@ class Trainer:
         self.history.append(record)
         self._say(_epoch_line(record))
         return metrics
+
+
+def _steps(loader, accumulate: int):
+    """The loader's batches in lists of ``accumulate`` (one optimizer step each); an incomplete last
+    list is dropped, as the loader drops an incomplete last batch."""
+    step = []
+    for batch in loader:
+        step.append(batch)
+        if len(step) == accumulate:
+            yield step
+            step = []
 
 
 def _epoch_line(record: dict) -> str:

@@ -22,6 +22,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from ..config import ConfigError
 from ..errors import CheckpointError, CheckpointNotFoundError
+from .checkpointing import checkpointed
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 BACKBONES = RESNETS + ("tiny",)
@@ -54,15 +55,21 @@ Level = Tuple[Tensor, Tensor]  # features (B, C, h, w) and their padding mask (B
 
 class _Backbone(nn.Module):
     """What every backbone shares: ``body`` (an ``nn.Sequential`` of named stages), ``interm_layers``
-    (the stages whose outputs are the stride 4, 8 and 16 features) and their ``interm_channels``."""
+    (the stages whose outputs are the stride 4, 8 and 16 features) and their ``interm_channels``.
+
+    ``checkpointing`` (see :func:`~detr_irpe.models.checkpointing.set_activation_checkpointing`):
+    in training, recompute in backward each block of the ``block_stages`` and each other stage
+    that trains or sees a tensor that needs gradients."""
 
     interm_layers: Tuple[str, ...] = ()
     interm_channels: Tuple[int, ...] = ()
+    block_stages: Tuple[str, ...] = ()  # stages made of blocks, checkpointed one block at a time
+    checkpointing: bool = False
 
     def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
         """images ``(B, 3, H, W)``, mask ``(B, H, W)`` bool (True = padding) -> features
         ``(B, num_channels, h, w)`` and their mask ``(B, h, w)``."""
-        features = self.body(images)
+        features = self._stages(images)[-1] if self._checkpointing_now() else self.body(images)
         return features, mask_to_feature(mask, features.shape[-2:])
 
     def levels(self, images: Tensor, mask: Tensor, interm: bool = False) -> List[Level]:
@@ -70,13 +77,27 @@ class _Backbone(nn.Module):
         ``interm_layers`` (strides 4, 8, 16), each mask resized from ``mask`` as in :meth:`forward`."""
         if not interm:
             return [self(images, mask)]
+        return [(f, mask_to_feature(mask, f.shape[-2:])) for f in self._stages(images, interm=True)]
+
+    def _checkpointing_now(self) -> bool:
+        return self.checkpointing and self.training and torch.is_grad_enabled()
+
+    def _stages(self, images: Tensor, interm: bool = False) -> List[Tensor]:
+        """The body's stages one by one (the same modules, in the same order, as ``body(images)``):
+        the last output, preceded with ``interm`` by those of ``interm_layers``."""
         outputs, x = [], images
-        for name, stage in self.body.named_children():  # the same modules, in the same order, as body(images)
-            x = stage(x)
-            if name in self.interm_layers:
+        checkpointing = self._checkpointing_now()
+        for name, stage in self.body.named_children():
+            if not checkpointing:
+                x = stage(x)
+            else:
+                for unit in (stage.children() if name in self.block_stages else [stage]):
+                    trains = x.requires_grad or any(p.requires_grad for p in unit.parameters())
+                    x = checkpointed(unit, x) if trains else unit(x)
+            if interm and name in self.interm_layers:
                 outputs.append(x)
         outputs.append(x)
-        return [(f, mask_to_feature(mask, f.shape[-2:])) for f in outputs]
+        return outputs
 
 
 class ResNetBackbone(_Backbone):
@@ -118,6 +139,7 @@ class ResNetBackbone(_Backbone):
         self.stride = 16 if dilation else 32
         self.interm_layers = ("layer1", "layer2", "layer3")
         self.interm_channels = (64, 128, 256) if basic else (256, 512, 1024)
+        self.block_stages = ("layer1", "layer2", "layer3", "layer4")  # of BasicBlocks / Bottlenecks
 
 
 def _wants_weights(weights: str) -> bool:

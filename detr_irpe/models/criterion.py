@@ -1,7 +1,8 @@
 """DETR's set prediction loss: Hungarian matching, then classification, box and (segmentation) mask losses."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,25 @@ def focal_loss(logits: Tensor, targets: Tensor, num_boxes: float, alpha: float =
     return loss.mean(1).sum() / num_boxes
 
 
+@dataclass(frozen=True)
+class LossNormalizers:
+    """What the losses are divided by, given to :meth:`SetCriterion.forward` from outside for a batch
+    that one call sees only part of: micro-batches of one optimizer step (gradient accumulation),
+    shards of processes. Each call's losses are then its share of the whole batch's, and summing
+    them (as backward does across micro-batches, and DDP's gradient mean across processes, with
+    the divisors below) gives the loss of the whole batch.
+
+    Attributes:
+        num_boxes: divisor of ``loss_bbox``, ``loss_giou``, ``loss_mask`` and ``loss_dice`` (times the
+            query groups, as the criterion's own): DETR's number of target boxes.
+        class_weight: divisor of the summed weighted cross-entropy ``loss_ce``: the sum of the
+            cross-entropy weights over the queries of the batch (:meth:`SetCriterion.batch_counts`).
+    """
+
+    num_boxes: float
+    class_weight: float
+
+
 class SetCriterion(nn.Module):
     """Losses of DETR's predictions against the targets they are matched to.
 
@@ -56,7 +76,7 @@ class SetCriterion(nn.Module):
     are matched to the targets, then:
 
     * ``loss_ce``: cross-entropy over all queries; unmatched ones target "no object"
-      (class ``num_classes``), whose weight is ``eos_coef``.
+      (class ``num_classes``), whose weight is ``eos_coef``: the weighted mean over the batch.
     * ``loss_bbox``: L1 between matched (cx, cy, w, h) boxes, summed and divided by the number
       of target boxes (averaged over processes).
     * ``loss_giou``: ``1 - GIoU`` of matched boxes, normalised the same way.
@@ -76,6 +96,9 @@ class SetCriterion(nn.Module):
     unmatched queries). ``cardinality_error`` counts the first group. Everything is computed in
     at least float32, also under autocast (a float64 model gets float64 losses).
 
+    ``normalizers`` (:class:`LossNormalizers`) replace the batch's own divisors of the weighted
+    mean and of the box losses, for a batch split into micro-batches or across processes.
+
     Args:
         num_classes: K, without "no object".
         matcher: a :class:`HungarianMatcher`.
@@ -94,7 +117,8 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
-    def forward(self, outputs: Dict[str, object], targets: Targets) -> Dict[str, Tensor]:
+    def forward(self, outputs: Dict[str, object], targets: Targets,
+                normalizers: Optional[LossNormalizers] = None) -> Dict[str, Tensor]:
         """Compute all losses and logged metrics.
 
         Args:
@@ -102,6 +126,8 @@ class SetCriterion(nn.Module):
             targets: per image ``labels`` ``(N_i,)`` int64 in ``[0, num_classes)`` and ``boxes``
                 ``(N_i, 4)`` normalised cxcywh; for outputs with ``pred_masks`` also ``masks``
                 ``(N_i, H_i, W_i)`` (uint8 or bool) at the image's size.
+            normalizers: the divisors of a larger batch this one is part of; None: this batch's own
+                (the box count averaged over processes, the cross-entropy's weighted mean), as DETR.
 
         Returns:
             A dict of scalar tensors; combine with :meth:`weighted_loss`.
@@ -110,15 +136,36 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         groups = outputs.get("query_groups", 1)
         with torch.autocast(device.type, enabled=False):
-            num_boxes = self._num_boxes(targets, device) * groups
-            losses, indices = self._layer_losses(outputs, targets, num_boxes, groups)
+            if normalizers is None:
+                num_boxes, class_weight = self._num_boxes(targets, device) * groups, None
+            else:
+                num_boxes, class_weight = normalizers.num_boxes * groups, normalizers.class_weight
+            losses, indices = self._layer_losses(outputs, targets, num_boxes, groups, class_weight)
             losses["class_error"] = self.class_error(at_least_float32(outputs["pred_logits"]), targets, indices)
             if "pred_masks" in outputs:
                 losses.update(self.loss_masks(at_least_float32(outputs["pred_masks"]), targets, indices, num_boxes))
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                aux_losses, _ = self._layer_losses(aux, targets, num_boxes, groups)
+                aux_losses, _ = self._layer_losses(aux, targets, num_boxes, groups, class_weight)
                 losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
         return losses
+
+    def batch_counts(self, targets: Targets, num_queries: int, groups: int = 1) -> Tuple[float, float]:
+        """``(target boxes, cross-entropy weight)`` of a batch, from its targets alone: what
+        :class:`LossNormalizers` sums over micro-batches and processes.
+
+        The weight is the sum over the ``B x num_queries x groups`` queries of their class weight:
+        1 for a matched query, ``eos_coef`` for the others. The matcher matches ``min(Q, N_i)``
+        queries of image ``i`` in each group (every target once when ``N_i <= Q``), so the sum is
+        ``groups * sum_i (m_i + eos_coef * (Q - m_i))`` with ``m_i = min(Q, N_i)``, known before
+        the forward pass.
+        """
+        eos = float(self.empty_weight[-1])  # eos_coef as the loss weighs it (a float32 buffer)
+        boxes, weight = 0, 0.0
+        for t in targets:
+            matched = min(num_queries, len(t["labels"]))
+            boxes += len(t["labels"])
+            weight += groups * (matched + eos * (num_queries - matched))
+        return float(boxes), weight
 
     def weighted_loss(self, losses: Dict[str, Tensor]) -> Tensor:
         """The training objective: ``sum(weight_dict[k] * losses[k])`` over the weighted keys present."""
@@ -127,11 +174,11 @@ class SetCriterion(nn.Module):
     # -- one decoder layer ------------------------------------------------------------------
 
     def _layer_losses(self, outputs: Dict[str, Tensor], targets: Targets, num_boxes: float,
-                      groups: int = 1) -> Tuple[Dict[str, Tensor], Indices]:
+                      groups: int = 1, class_weight: Optional[float] = None) -> Tuple[Dict[str, Tensor], Indices]:
         logits, boxes = at_least_float32(outputs["pred_logits"]), at_least_float32(outputs["pred_boxes"])
         indices = self.match_groups(logits, boxes, targets, groups)
         losses = {
-            "loss_ce": self.loss_labels(logits, targets, indices),
+            "loss_ce": self.loss_labels(logits, targets, indices, class_weight),
             **self.loss_boxes(boxes, targets, indices, num_boxes),
             "cardinality_error": self.cardinality_error(logits[:, : logits.shape[1] // groups], targets),
         }
@@ -149,12 +196,17 @@ class SetCriterion(nn.Module):
         return [(torch.cat([rows + g * size for g, (rows, _) in enumerate(image)]),
                  torch.cat([cols for _, cols in image])) for image in zip(*per_group)]
 
-    def loss_labels(self, logits: Tensor, targets: Targets, indices: Indices) -> Tensor:
-        """Weighted cross-entropy of ``logits`` ``(B, Q, K+1)``; unmatched queries target no-object."""
+    def loss_labels(self, logits: Tensor, targets: Targets, indices: Indices,
+                    class_weight: Optional[float] = None) -> Tensor:
+        """Weighted cross-entropy of ``logits`` ``(B, Q, K+1)``; unmatched queries target no-object.
+        The weighted mean over the batch, or the weighted sum divided by ``class_weight``."""
         batch_idx, query_idx = _matched(indices)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, query_idx] = _matched_labels(targets, indices, logits.device)
-        return F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
+        weight = self.empty_weight.to(logits.dtype)
+        if class_weight is None:
+            return F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
+        return F.cross_entropy(logits.transpose(1, 2), target_classes, weight, reduction="sum") / class_weight
 
     def loss_boxes(self, boxes: Tensor, targets: Targets, indices: Indices, num_boxes: float) -> Dict[str, Tensor]:
         """L1 and GIoU losses of matched boxes ``(B, Q, 4)``, each summed and divided by ``num_boxes``."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..irpe import BucketCache, RPEMultiheadAttention
+from .checkpointing import maybe_checkpointed
 
 
 def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -135,7 +136,10 @@ class TransformerDecoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """A stack of encoder layers, with a final LayerNorm ``norm`` only in the pre-norm variant."""
+    """A stack of encoder layers, with a final LayerNorm ``norm`` only in the pre-norm variant.
+    ``checkpointing``: in training, each layer recomputes its activations in backward."""
+
+    checkpointing: bool = False
 
     def __init__(self, layers: List[TransformerEncoderLayer], norm: Optional[nn.LayerNorm] = None):
         super().__init__()
@@ -147,14 +151,17 @@ class TransformerEncoder(nn.Module):
         """``(HW, B, C)`` -> ``(HW, B, C)`` and the per-layer attention maps (empty unless asked)."""
         maps = []
         for layer in self.layers:
-            src, weights = layer(src, pos, hw, key_padding_mask, need_weights)
+            src, weights = maybe_checkpointed(self.checkpointing, layer, src, pos, hw, key_padding_mask, need_weights)
             if need_weights:
                 maps.append(weights)
         return (src if self.norm is None else self.norm(src)), maps
 
 
 class TransformerDecoder(nn.Module):
-    """A stack of decoder layers returning every layer's output after the shared final ``norm``."""
+    """A stack of decoder layers returning every layer's output after the shared final ``norm``.
+    ``checkpointing``: in training, each layer recomputes its activations in backward."""
+
+    checkpointing: bool = False
 
     def __init__(self, layers: List[TransformerDecoderLayer], norm: nn.LayerNorm):
         super().__init__()
@@ -167,7 +174,8 @@ class TransformerDecoder(nn.Module):
         """Returns ``(num_layers, Q, B, C)`` and the per-layer cross-attention maps (empty unless asked)."""
         outputs, maps = [], []
         for layer in self.layers:
-            tgt, weights = layer(tgt, memory, query_pos, pos, memory_key_padding_mask, need_weights, query_mask)
+            tgt, weights = maybe_checkpointed(self.checkpointing, layer, tgt, memory, query_pos, pos,
+                                              memory_key_padding_mask, need_weights, query_mask)
             outputs.append(self.norm(tgt))
             if need_weights:
                 maps.append(weights)

@@ -15,7 +15,8 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", help="checkpoint.pth of a run to continue, in its folder, with its config "
                                     "(and --config / overrides on top)")
     p.add_argument("--check-data", action="store_true",
-                   help="check the train and val datasets (like check-data) and stop without training")
+                   help="check the train and val datasets (like check-data; with model.masks, the segmentations "
+                        "too) and stop without training")
     options.overrides(p)
 
 
@@ -25,6 +26,6 @@ def run(args) -> int:
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.check_data:
-        return check_config_data(cfg.data, progress=sys.stderr.isatty())
+        return check_config_data(cfg.data, progress=sys.stderr.isatty(), masks=cfg.model.masks)
     train(cfg)
     return 0
