@@ -7,7 +7,7 @@ machine without one.
   ``CASES`` (and the checks of bucket ids and dropout masks) and prints the errors as JSON, and
   the tests assert on them. Each case compares the output and the gradients of q, k, v and every
   table with the naive float64 reference (``irpe_reference.attention_heads_ref``, autograd
-  through it): every method x mode x rpe_on (q, k, v, qkv) x shared / per-head table, with a
+  through it): every method x mode x shared / per-head table, each of q, k, v alone and all three, with a
   padded image, a sequence that ends inside a block, skip tokens, a 1-cell map, the largest
   bucket count the kernel accepts, head dims 32 and 64, float32 (1e-4 of the largest value),
   bfloat16 and float16 (loose, below), and dropout against the reference given the kernel's
@@ -65,14 +65,16 @@ def case(method, mode="contextual", rpe_on="k", shared=True, hw=(3, 6), skip=0, 
                       head_dim=head_dim, ratio=ratio, dropout=dropout, rows=rows, table_dtype=table_dtype, batch=batch)
 
 
-# Every method x mode x rpe_on x shared; shared tables on a 3 x 6 map (18 tokens: blocks of 16
-# and 2), per-head tables on 4 x 4 with a skip token (17 tokens: 16 and 1). One image (with
-# padded tokens) to halve the interpreter's time; the other cases have two.
+# Every method x mode x shared, and for each method every term alone (q, k, v) and all three
+# together: shared tables on a 3 x 6 map (18 tokens: blocks of 16 and 2), per-head tables on
+# 4 x 4 with a skip token (17 tokens: 16 and 1). One image (with padded tokens) to halve the
+# interpreter's time; the other cases have two.
+RPE_ON = {("bias", True): ("q",), ("bias", False): ("k",), ("contextual", True): ("k", "qkv"),
+          ("contextual", False): ("q", "v")}
 COMBOS = dict(
     case(method, mode, rpe_on, shared, *(((3, 6), 0) if shared else ((4, 4), 1)), batch=1)
     for method in ("euc", "quant", "cross", "product") for mode in ("bias", "contextual")
-    for rpe_on in ("q", "k", "v", "qkv") for shared in (True, False)
-    if not (mode == "bias" and "v" in rpe_on)
+    for shared in (True, False) for rpe_on in RPE_ON[mode, shared]
 )
 SPECIAL = dict([
     case("product", rpe_on="qkv", shared=False, head_dim=64),
