@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 COCO = REPO / "tests" / "data" / "coco"
@@ -84,3 +86,19 @@ def run_tool(script: str, *args, timeout: int = 300, extra_env=None) -> subproce
     if proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def _gloo_worker(rank: int, world: int, check, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(check(rank), Path(out_dir) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(check, out_dir: Path, world: int = 2) -> list:
+    """``[check(0), check(1), ...]``, each computed in its own process of one gloo process group
+    (``check``: a module-level function of the rank, returning what ``torch.save`` can write)."""
+    mp.spawn(_gloo_worker, args=(world, check, str(out_dir / "init"), str(out_dir)), nprocs=world, join=True)
+    return [torch.load(out_dir / f"{rank}.pt", weights_only=False) for rank in range(world)]

@@ -1,17 +1,14 @@
 """W processes x B images make the optimizer step of one process with W x B (every loss, with
 ``train.loss_normalization=global``), with or without micro-batches, and DDP
 synchronises gradients once per step. Two gloo processes, one spawn for every check."""
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from detr_irpe.config import load_config
 from detr_irpe.engine.optim import build_optimizer
 from detr_irpe.engine.step import train_step
+from helpers import spawn_gloo
 from test_accumulate import check_same_step, make_images, make_targets, one_step, pad, small_detr
 
 WORLD = 2
@@ -39,25 +36,18 @@ def ddp_step(rank, micro, normalization="global"):
     return result, grads, {n: p.detach().clone() for n, p in model.named_parameters()}, reduces["n"]
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        results = {}
-        for name, micro, normalization in [("one", 1, "global"), ("micro", 2, "global"), ("official", 1, "official")]:
-            result, grads, weights, reduces = ddp_step(rank, micro, normalization)
-            results[name] = {"loss": result.loss, "losses": result.losses, "grads": grads, "weights": weights,
-                             "reduces": reduces}
-        torch.save(results, Path(out_dir) / f"{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def steps(rank: int) -> dict:
+    results = {}
+    for name, micro, normalization in [("one", 1, "global"), ("micro", 2, "global"), ("official", 1, "official")]:
+        result, grads, weights, reduces = ddp_step(rank, micro, normalization)
+        results[name] = {"loss": result.loss, "losses": result.losses, "grads": grads, "weights": weights,
+                         "reduces": reduces}
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_accumulate")
-    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    return spawn_gloo(steps, tmp_path_factory.mktemp("ddp_accumulate"), WORLD)
 
 
 @pytest.fixture(scope="module")

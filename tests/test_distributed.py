@@ -2,18 +2,14 @@
 process costs an interpreter and a torch import): the box-loss normaliser averaged over
 processes, the data sharded between them, and detections gathered from both before COCO
 evaluation. Training end to end under torchrun is in test_engine_cli.py."""
-import json
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from detr_irpe.config import DataConfig
 from detr_irpe.data import build_dataloader, build_dataset, load_coco, set_epoch
 from detr_irpe.evaluation import CocoEvaluator
 from detr_irpe.models import HungarianMatcher
+from helpers import spawn_gloo
 from test_criterion import make_criterion, one_image_example
 from test_data import COCO_ROOT, dataset
 from test_evaluation import VAL_JSON, gt_predictions
@@ -56,20 +52,13 @@ def gather_check(rank: int) -> dict:
     return {"ids": evaluator.image_ids, "AP": evaluator.summarize(verbose=False)["AP"], "n": len(evaluator.results())}
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        result = {"num_boxes": num_boxes_check(rank), "sharding": sharding_check(), "gather": gather_check(rank)}
-        (Path(out_dir) / f"{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+def checks(rank: int) -> dict:
+    return {"num_boxes": num_boxes_check(rank), "sharding": sharding_check(), "gather": gather_check(rank)}
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
-    return [json.loads((out / f"{rank}.json").read_text()) for rank in range(WORLD)]
+    return spawn_gloo(checks, tmp_path_factory.mktemp("ddp"), WORLD)
 
 
 def test_num_boxes_is_averaged_over_processes(ranks):
