@@ -24,8 +24,9 @@ def check_tensorboard_events(folder):
             "train/class_error", "lr/transformer", "lr/backbone"} <= scalars
     assert {f"val/{name}" for name in METRIC_NAMES} <= scalars
     assert len(events.Scalars("train/loss_ce")) >= 2  # log_every=1: one point per iteration
-    images = events.Tags()["images"]
-    assert len(images) == 2 and all(tag.startswith("val_images/") for tag in images)
+    images = [tag for tag in events.Tags()["images"] if tag.startswith("val_images/")]
+    assert len(images) == 2
+    assert {tag for tag in events.Tags()["images"] if tag.startswith("eval/")}  # the pictures of the AP
     picture = events.Images(images[0])[0]
     assert picture.width > picture.height > 0  # prediction | ground truth, side by side
 

@@ -121,7 +121,7 @@ def test_files_and_table(coco_gt, tmp_path, capsys):
     assert detections[0]["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0])
     assert set(detections[0]) == {"image_id", "category_id", "bbox", "score"}
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert set(saved) == set(METRIC_NAMES) | {"per_class_AP"}
+    assert set(saved) == set(METRIC_NAMES) | {"per_class_AP", "backend"}
     assert {n: saved[n] for n in METRIC_NAMES} == pytest.approx({n: metrics[n] for n in METRIC_NAMES})
     assert saved["per_class_AP"] == pytest.approx(metrics["per_class_AP"])
     evaluator.write(tmp_path / "again")  # the engine's spelling: summarize(), then write()

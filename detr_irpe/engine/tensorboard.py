@@ -1,7 +1,8 @@
 """TensorBoard event files of a training run (``train.tensorboard: true``), beside ``log.jsonl``:
 every loss term and the learning rates every ``train.log_every`` iterations, the 12 COCO numbers
 of each evaluation, and at each evaluation a few validation images with their predicted and
-ground-truth boxes. Written by the main process only.
+ground-truth boxes, and the pictures that explain the AP (``eval_pictures/``: per-class AP, PR
+curves, confusion matrix, sizes). Written by the main process only.
 
     tensorboard --logdir outputs/run/tensorboard
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from torch import Tensor, nn
+from torchvision.io import ImageReadMode, read_image
 
 from ..config import DataConfig
 from ..data.coco import CocoDetection
@@ -64,6 +66,15 @@ class TensorBoardWriter:
                 self.writer.add_scalar(f"val/{name}", metrics[name], step)
         for name, picture in pictures:
             self.writer.add_image(f"val_images/{name}", picture, step, dataformats="CHW")
+        self.writer.flush()
+
+    def evaluation_pictures(self, pictures: Dict[str, str], step: int) -> None:
+        """The evaluation's PNGs (``{name: path}``, see :func:`~detr_irpe.engine.evaluate.evaluate`)
+        as ``eval/<name>`` images."""
+        if self.writer is None or not pictures:
+            return
+        for name, path in pictures.items():
+            self.writer.add_image(f"eval/{name}", read_image(str(path), ImageReadMode.RGB), step, dataformats="CHW")
         self.writer.flush()
 
     def close(self) -> None:

@@ -1,6 +1,8 @@
-"""detr-irpe visualize: pictures of a checkpoint (boxes, attention maps, iRPE tables) or of runs (curves)."""
+"""detr-irpe visualize: pictures of a checkpoint (boxes, attention maps, iRPE tables), of runs (curves),
+or of an evaluation (per-class AP, PR curves, confusion matrix, sizes: redrawn from its files)."""
 from __future__ import annotations
 
+from ...visualize.eval_plots import redraw_eval
 from .. import pictures
 from . import curves, options
 
@@ -19,7 +21,7 @@ def _picture_options(p) -> None:
 
 
 def add_arguments(p) -> None:
-    sub = p.add_subparsers(dest="picture", required=True, metavar="{boxes,attention,rpe,curves}")
+    sub = p.add_subparsers(dest="picture", required=True, metavar="{boxes,attention,rpe,curves,eval}")
     q = sub.add_parser("boxes", help="predicted boxes (with names and scores) beside the ground truth")
     _picture_options(q)
     q.add_argument("--threshold", type=float, default=0.7, help="minimum score to draw a box")
@@ -49,10 +51,21 @@ def add_arguments(p) -> None:
     q = sub.add_parser("curves", help="training curves of runs in one PNG (the same as plot-logs)")
     curves.add_arguments(q)
 
+    q = sub.add_parser("eval", help="the pictures that explain an AP, redrawn from an evaluation folder "
+                                    "(analysis.json: all four) or a metrics.json (per-class AP and sizes)")
+    q.add_argument("source", help="an evaluation folder (eval or a training run), its analysis.json or metrics.json")
+    q.add_argument("--out", required=True, help="output folder for the PNGs")
+    q.add_argument("--worst", type=int, default=5, help="categories with the lowest AP drawn in the PR curves")
+    options.overwrite(q, "pictures of an earlier run in --out")
+
 
 def run(args) -> int:
     if args.picture == "curves":
         return curves.run(args)
+    if args.picture == "eval":
+        for path in redraw_eval(args.source, args.out, worst=args.worst, overwrite=args.overwrite):
+            print(path)
+        return 0
     images, overrides = options.split_items(args.items)
     common = dict(config=args.config, overrides=overrides, device=args.device, overwrite=args.overwrite)
     if args.picture == "boxes":
