@@ -82,10 +82,16 @@ class DataConfig:
     """Where the COCO-format data lives and how it is augmented."""
 
     root: str = "data/coco"
+    # coco: COCO detection json (instances_*.json) | coco_panoptic: COCO panoptic json (panoptic_*.json,
+    # *_annotations) with its PNG folders (*_panoptic_folder): with model.masks evaluated by PQ, without
+    # it (DETR's first stage, the detector) by box AP on the segments' boxes
+    dataset: str = "coco"
     train_images: str = "train2017"  # relative to root unless absolute
     train_annotations: str = "annotations/instances_train2017.json"
     val_images: str = "val2017"
     val_annotations: str = "annotations/instances_val2017.json"
+    train_panoptic_folder: str = "panoptic_train2017"  # coco_panoptic: the PNGs of train_annotations
+    val_panoptic_folder: str = "panoptic_val2017"
     train_scales: list = field(default_factory=lambda: list(range(480, 801, 32)))
     max_size: int = 1333
     eval_size: int = 800
@@ -111,6 +117,7 @@ class EMAConfig:
 
 ACTIVATION_CHECKPOINTING = ("backbone", "encoder", "decoder")  # the parts train.activation_checkpointing names
 LOSS_NORMALIZATIONS = ("global", "official")
+DATASETS = ("coco", "coco_panoptic")  # the values of data.dataset
 
 
 @dataclass
@@ -164,17 +171,32 @@ class TrainConfig:
     pretrain_target: str = "image"  # image: which categories an image holds | cells: which cover each feature cell
 
 
+# what computes COCO AP (detr_irpe.evaluation.backends): auto takes the fastest installed one that is
+# bit-identical to pycocotools, the reference
+EVAL_BACKENDS = ("auto", "pycocotools", "faster-coco-eval", "ultrafast")
+
+
+@dataclass
+class EvalConfig:
+    """COCO evaluation: which library computes it, and the pictures that explain the AP."""
+
+    backend: str = "auto"  # auto | pycocotools | faster-coco-eval | ultrafast
+    pictures: bool = True  # per-class AP, PR curves, confusion matrix, sizes: PNGs (and TensorBoard) per evaluation
+    confusion_threshold: float = 0.5  # minimum score of a detection counted in the confusion matrix
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("model", "data", "train")
+SECTIONS = ("model", "data", "train", "eval")
 CONFIG_DIR = Path(__file__).with_name("configs")  # the YAML configs shipped with the package
 
 
@@ -436,11 +458,17 @@ def validate(cfg: Config) -> Config:
     need(len(d.train_scales) > 0 and all(isinstance(s, int) and s > 0 for s in d.train_scales),
          f"data.train_scales must be a non-empty list of positive integers, got {d.train_scales}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    need(d.dataset in DATASETS, f"data.dataset must be one of {', '.join(DATASETS)}, got {d.dataset!r}")
     need(t.pretrain_iterations >= 0, f"train.pretrain_iterations must be >= 0 (0: none), got {t.pretrain_iterations}")
     need(t.pretrain_batch_size > 0, f"train.pretrain_batch_size must be > 0, got {t.pretrain_batch_size}")
     need(t.pretrain_lr > 0, f"train.pretrain_lr must be > 0, got {t.pretrain_lr}")
     need(t.pretrain_target in ("image", "cells"),
          f"train.pretrain_target must be image or cells, got {t.pretrain_target!r}")
+    need(cfg.eval.backend in EVAL_BACKENDS,
+         f"eval.backend must be one of {', '.join(EVAL_BACKENDS)}, got {cfg.eval.backend!r}."
+         f"{_closest(str(cfg.eval.backend), EVAL_BACKENDS)}")
+    need(0.0 <= cfg.eval.confusion_threshold <= 1.0,
+         f"eval.confusion_threshold must be in [0, 1], got {cfg.eval.confusion_threshold}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return cfg

@@ -16,6 +16,8 @@ EXTRAS = {
     "onnx": "export", "onnxruntime": "export", "onnxscript": "export",
     "transformers": "hf", "timm": "hf", "huggingface_hub": "hf",
     "tensorboard": "tensorboard",
+    "ultrafast_pycocotools": "fast-eval", "faster_coco_eval": "fast-eval",
+    "av": "video",
 }
 
 

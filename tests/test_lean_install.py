@@ -7,7 +7,8 @@ import sys
 
 from helpers import COCO, REPO
 
-OPTIONAL = ("onnx", "onnxruntime", "onnxscript", "transformers", "timm", "huggingface_hub", "tensorboard")
+OPTIONAL = ("onnx", "onnxruntime", "onnxscript", "transformers", "timm", "huggingface_hub", "tensorboard",
+            "ultrafast_pycocotools", "faster_coco_eval", "av")
 
 DRIVER = r"""
 import json, sys
@@ -30,7 +31,11 @@ cases = {
     "convert --to hf": ("convert_checkpoint", ["--to", "hf", checkpoint, tmp + "/hf"]),
     "hub id": ("eval", ["--checkpoint", "facebook/detr-resnet-50", "--output-dir", tmp + "/hub"]),
     "tensorboard": ("train", tiny_overrides(tmp + "/tb", **quick, **{"train.tensorboard": "true"})),
+    "predict a video": ("predict", ["--checkpoint", checkpoint, tmp + "/clip.mp4", "--out", tmp + "/video"]),
+    "eval --backend ultrafast": ("eval", ["--checkpoint", tmp + "/run/checkpoint.pth", "--backend", "ultrafast",
+                                          "--output-dir", tmp + "/fast"]),
 }
+open(tmp + "/clip.mp4", "wb").close()
 codes = {name: tool(script).main(argv) for name, (script, argv) in cases.items()}
 loaded = [m for m in %(optional)r if sys.modules.get(m) is not None]
 print(json.dumps({"codes": codes, "loaded": loaded}))
@@ -50,7 +55,7 @@ def test_the_core_works_without_any_extra_and_names_the_missing_one(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     wanted = {"export": "[export]", "predict --onnx": "[export]", "convert --to hf": "[hf]", "hub id": "[hf]",
-              "tensorboard": "[tensorboard]"}
+              "tensorboard": "[tensorboard]", "predict a video": "[video]", "eval --backend ultrafast": "[fast-eval]"}
     assert len(errors) == len(wanted), proc.stderr[-4000:]
     for (name, extra), line in zip(wanted.items(), errors):
         assert codes[name] == 1, name

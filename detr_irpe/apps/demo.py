@@ -17,6 +17,12 @@ with the masks drawn.
     from detr_irpe.apps.demo import DemoSettings, run_demo
     summary = run_demo(DemoSettings(overrides=["model.rpe=null"]))
     summary = run_demo(DemoSettings(masks=True))      # summary["masks"]: mask AP, iterations, paths
+    summary = run_demo(DemoSettings(panoptic=True))   # summary["masks"]: PQ / SQ / RQ, iterations, paths
+
+With ``panoptic`` (``demo --panoptic``) the data is the synthetic panoptic variant (stuff bands behind
+the shapes, as COCO panoptic json + PNGs, in ``<data_root>_panoptic``): the detector learns things
+and stuff, the mask stage follows as for ``masks``, and the evaluation is PQ (official DETR's
+panoptic post-processing, :mod:`detr_irpe.engine.evaluate_panoptic`).
 """
 from __future__ import annotations
 
@@ -27,16 +33,21 @@ from typing import List, Optional, Sequence
 
 from ..config import CONFIG_DIR, Config, apply_overrides, load_config, validate
 from ..data import ensure_synthetic_dataset
+from ..data.coco import resolve
 from ..engine.distributed import pick_device
+from ..engine.evaluate_panoptic import is_panoptic
+from ..engine.inference import load_detector
 from ..engine.pretrain import pretrain_for_run
 from ..engine.run_folder import run_files
 from ..engine.train import Trainer
 from ..errors import InputNotFoundError, UsageError
 from ..files import atomic_write_json, fresh_folder
 from . import pictures
+from .predict_panoptic import predict_panoptic
 
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
 MASKS_FOLDER = "masks"  # the mask stage's run, inside the demo's output folder
+PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
 # The mask stage of ``demo --masks``: the demo's config (and the user's overrides) with these on top,
 # the same schedule on every machine. Only the mask head trains (3 epochs x 500 iterations of batch 8,
 # half the detector's 3000); benchmarks/README.md has the run behind these values.
@@ -72,6 +83,7 @@ class DemoSettings:
     max_iterations: Optional[int] = None  # cap on training iterations (tests, quick looks)
     max_pretrain_iterations: Optional[int] = None  # cap on backbone pretraining iterations (same)
     masks: bool = False  # then train the mask head on the frozen detector (MASK_STAGE), evaluate mask AP
+    panoptic: bool = False  # the panoptic variant of the data; implies the mask stage, evaluated by PQ
     detector: Optional[str] = None  # with masks: freeze this detection checkpoint instead of training one
     quiet: bool = False
 
@@ -79,6 +91,11 @@ class DemoSettings:
 def _say(settings: DemoSettings, msg: str) -> None:
     if not settings.quiet:
         print(msg, flush=True)
+
+
+def panoptic_root(settings: DemoSettings) -> str:
+    """Where the demo's data goes: ``data_root``, or for the panoptic variant ``<data_root>_panoptic``."""
+    return f"{settings.data_root.rstrip('/')}_panoptic" if settings.panoptic else settings.data_root
 
 
 def build_demo_config(settings: DemoSettings, layout=None) -> Config:
@@ -132,6 +149,13 @@ def mask_stage_config(cfg: Config, detector: Path, output_dir: Path) -> Config:
     return validate(cfg)
 
 
+def draw_panoptic_pictures(checkpoint: Path, cfg: Config, out: Path, num_images: int, device: str) -> List[str]:
+    """The panoptic maps (with their legends) of the first ``num_images`` validation images."""
+    images = sorted(p for p in resolve(cfg.data.root, cfg.data.val_images).iterdir() if p.suffix == ".jpg")
+    detector = load_detector(str(checkpoint), device=device)
+    return [r["picture"] for r in predict_panoptic(detector, images[:num_images], out)]
+
+
 def train_mask_head(settings: DemoSettings, cfg: Config, detector: Path) -> dict:
     """The mask stage: :data:`MASK_STAGE` on the frozen ``detector``, into ``<output_dir>/masks``; mask
     AP, box AP (the detector's, unchanged), iterations, timings and paths. ``cfg``: the demo's config
@@ -153,7 +177,12 @@ def train_mask_head(settings: DemoSettings, cfg: Config, detector: Path) -> dict
         drawn["boxes"] = [str(p) for p in pictures.draw_boxes(str(checkpoint), out / "pictures" / "boxes",
                                                               val=settings.num_pictures, threshold=0.5, min_size=384,
                                                               device=device)]
+        if is_panoptic(mask_cfg):
+            drawn["panoptic"] = draw_panoptic_pictures(checkpoint, mask_cfg, out / "pictures" / "panoptic",
+                                                       settings.num_pictures, device)
+    panoptic = {k: metrics.get(k) for k in PANOPTIC_METRICS if k in metrics}
     return {
+        **panoptic, "PQ_per_class": metrics.get("PQ_per_class"),
         "segm_AP": metrics.get("segm_AP"), "segm_AP50": metrics.get("segm_AP50"),
         "segm_AP75": metrics.get("segm_AP75"), "AP": metrics.get("AP"), "AP50": metrics.get("AP50"),
         "iterations": trainer.global_step, "planned_iterations": planned, "detector": str(detector),
@@ -169,6 +198,8 @@ def run_demo(settings: DemoSettings) -> dict:
     then the mask stage, :func:`train_mask_head`); returns (and writes to
     ``<output_dir>/demo_summary.json``) the metrics, iteration counts, timings and paths."""
     build_demo_config(settings)  # a bad config or override fails here, before any work
+    if settings.panoptic:
+        settings = replace(settings, masks=True)
     if settings.detector is not None:
         if not settings.masks:
             raise UsageError("--detector names the detection checkpoint whose mask head --masks trains: add --masks")
@@ -179,8 +210,9 @@ def run_demo(settings: DemoSettings) -> dict:
         earlier, settings = settings.output_dir, replace(settings, output_dir=str(fresh_folder(settings.output_dir)))
         _say(settings, f"[demo] {earlier} holds an earlier run, kept as it is; this run goes to {settings.output_dir}")
     t0 = time.time()
-    layout = ensure_synthetic_dataset(settings.data_root, settings.num_train, settings.num_val,
-                                      settings.image_size, settings.data_seed, max_objects=settings.max_objects)
+    layout = ensure_synthetic_dataset(panoptic_root(settings), settings.num_train, settings.num_val,
+                                      settings.image_size, settings.data_seed, max_objects=settings.max_objects,
+                                      panoptic=settings.panoptic)
     t_data = time.time() - t0
     _say(settings, f"[demo] synthetic data in {layout.root} ({settings.num_train} train / {settings.num_val} val "
                    f"images, {settings.image_size} px; {'generated' if layout.generated else 'cached'}) "
@@ -284,7 +316,17 @@ def _print_summary(settings: DemoSettings, s: dict) -> None:
     else:
         lines.append(f"demo finished in {s['seconds']['total'] / 60:.1f} min: {s['masks']['iterations']} mask-head "
                      f"iterations on the frozen detector {s['detector']}")
-    if "masks" in s:
+    if "masks" in s and s["masks"].get("PQ") is not None:
+        m = s["masks"]
+        lines += [
+            f"  panoptic quality on the synthetic val split: PQ {fmt(m['PQ'])}  SQ {fmt(m['SQ'])}  "
+            f"RQ {fmt(m['RQ'])}; things PQ {fmt(m['PQ_th'])}, stuff PQ {fmt(m['PQ_st'])} (mask head: "
+            f"{m['iterations']} iterations, {m['seconds']['total'] / 60:.1f} min)",
+            "  per class PQ: " + ", ".join(f"{k} {v:.3f}" for k, v in (m.get("PQ_per_class") or {}).items()),
+            f"  mask model   {m['paths']['checkpoint']}",
+            f"  mask metrics {m['paths']['metrics']}",
+        ]
+    elif "masks" in s:
         m = s["masks"]
         lines += [
             f"  COCO segm (masks) on the synthetic val split: AP {fmt(m['segm_AP'])}  AP50 {fmt(m['segm_AP50'])}  "

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..data.errors import DatasetNotFoundError, ImageDecodeError
 from ..data.images import IMAGE_EXTENSIONS, list_images, read_rgb
 from ..engine.distributed import pick_device
+from ..engine.evaluate_panoptic import is_panoptic
 from ..engine.inference import load_detector
 from ..errors import InputNotFoundError
 from ..evaluation import encode_masks
@@ -28,6 +29,7 @@ from ..export import OnnxDetector, UnsupportedImageError, detection_records  # d
 from ..files import (OutputExistsError, atomic_write_json, check_writable, refuse_existing, refuse_inputs,
                      same_file)
 from ..visualize import draw_detections, save_png
+from .predict_panoptic import predict_panoptic
 
 DETECTIONS_FILE = "detections.json"
 _NAMED = 5  # subfolders named in the note of those skipped
@@ -258,6 +260,8 @@ def predict_path(checkpoint: str, inputs, out_dir, threshold: float = 0.7, *, co
     check_prediction_outputs(paths, out_dir, [out_dir / name for name in names], overwrite)
     detector = load_detector(checkpoint, config_path, overrides, device=device)
     detector.batched_backbone = batched_backbone
+    if is_panoptic(detector.config):  # the panoptic map with a legend, PNGs and segments_info
+        return predict_panoptic(detector, paths, out_dir, threshold, names)
     return predict_images(detector, paths, out_dir, threshold, batch_size, overwrite, names)
 
 

@@ -15,13 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, TextIO, Tuple, Union
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .coco import SPLITS, read_json, resolve
 from .errors import AnnotationError
 from .images import TURNS, dataset_orientation, exif_orientation
-from .validate import Report, validate_coco_dict
+from .panoptic import read_png_ids
+from .validate import Report, validate_coco_dict, validate_panoptic_dict
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -61,14 +63,42 @@ def check_image_file(path: Path, image_id: int, width=None, height=None, decode:
     return problems
 
 
+def check_panoptic_png(path: Path, image_id: int, segments: list, width=None, height=None,
+                       decode: bool = True) -> List[ImageProblem]:
+    """The problems of one COCO panoptic PNG: missing, not decodable, not ``width`` x ``height``,
+    a listed segment (of ``segments``, the image's segments_info) absent from it, or pixels of an
+    unlisted id (0, void, excepted). ``decode=False``: existence only."""
+    if not path.is_file():
+        return [("png_missing", f"{path} (image {image_id})")]
+    if not decode:
+        return []
+    try:
+        ids = read_png_ids(path)
+    except (OSError, ValueError) as e:
+        return [("png_undecodable", f"{path} (image {image_id}): {str(e)[:100]}")]
+    problems = []
+    if isinstance(width, int) and isinstance(height, int) and ids.shape != (height, width):
+        problems.append(("png_size_mismatch", f"{path} (image {image_id}) is {ids.shape[1]}x{ids.shape[0]}, "
+                                              f"the image {width}x{height}"))
+    present = set(np.unique(ids).tolist())
+    listed = {s["id"] for s in segments if isinstance(s, dict) and type(s.get("id")) is int}
+    for segment_id in sorted(i for i in listed if i not in present):
+        problems.append(("segment_absent", f"segment {segment_id} of image {image_id} is not in {path}"))
+    unlisted = sorted(present - listed - {0})
+    if unlisted:
+        problems.append(("segment_unlisted", f"{path} (image {image_id}) has id(s) {unlisted[:5]}"))
+    return problems
+
+
 def check_dataset(annotation_file: PathLike, image_dir: Optional[PathLike], decode: bool = True,
                   workers: Optional[int] = None, progress: bool = False, max_examples: int = 5,
-                  masks: bool = False) -> Report:
+                  masks: bool = False, panoptic: Optional[PathLike] = None) -> Report:
     """Every problem of a COCO-format dataset (annotation json + image folder) in a :class:`Report`.
 
     ``image_dir=None`` checks the json alone; ``decode=False`` only checks that image files
     exist (fast); otherwise every image is decoded, on ``workers`` threads. ``masks``: check the
-    segmentations too (instance segmentation, ``model.masks``).
+    segmentations too (instance segmentation, ``model.masks``). ``panoptic``: the json is COCO
+    panoptic and this is its PNG folder; every PNG is checked (:func:`check_panoptic_png`).
     """
     annotation_file = Path(annotation_file)
     report = Report(str(annotation_file), max_examples=max_examples)
@@ -80,7 +110,12 @@ def check_dataset(annotation_file: PathLike, image_dir: Optional[PathLike], deco
     except AnnotationError as e:
         report.add("structure").detail = str(e)
         return report
-    report = validate_coco_dict(data, str(annotation_file), max_examples=max_examples, masks=masks)
+    if panoptic is not None:
+        report = validate_panoptic_dict(data, str(annotation_file), max_examples=max_examples)
+        if report.structure_ok:
+            _check_pngs(data, Path(panoptic), decode, workers, report)
+    else:
+        report = validate_coco_dict(data, str(annotation_file), max_examples=max_examples, masks=masks)
     if not report.structure_ok or image_dir is None:
         return report
     report.image_dir = str(image_dir)
@@ -107,14 +142,39 @@ def check_dataset(annotation_file: PathLike, image_dir: Optional[PathLike], deco
     return report
 
 
+def _check_pngs(data: dict, png_dir: Path, decode: bool, workers: Optional[int], report: Report) -> None:
+    """The PNG of every well-formed panoptic annotation of ``data``, into ``report``."""
+    if not png_dir.is_dir():
+        report.add("png_folder").detail = (f"panoptic PNG folder not found: {png_dir}, so no PNG was checked. "
+                                           f"Point data.*_panoptic_folder (or --panoptic) at it.")
+        return
+    sizes = {img["id"]: (img.get("width"), img.get("height")) for img in data["images"]
+             if isinstance(img, dict) and type(img.get("id")) is int}
+    entries = [a for a in data["annotations"] if isinstance(a, dict) and type(a.get("image_id")) is int
+               and isinstance(a.get("file_name"), str) and type(a.get("segments_info")) is list]
+
+    def check(ann: dict) -> List[ImageProblem]:
+        width, height = sizes.get(ann["image_id"], (None, None))
+        return check_panoptic_png(png_dir / ann["file_name"], ann["image_id"], ann["segments_info"], width, height,
+                                  decode)
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        for problems in pool.map(check, entries, chunksize=16):
+            for code, example in problems:
+                report.add(code, example)
+
+
 def check_config_splits(cfg: "DataConfig", splits: Iterable[str] = SPLITS, **kwargs) -> Dict[str, Report]:
     """:func:`check_dataset` on each of ``splits`` as ``cfg`` (``data.*`` keys) describes them."""
     reports = {}
     for split in splits:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        panoptic = (resolve(cfg.root, getattr(cfg, f"{split}_panoptic_folder"))
+                    if cfg.dataset == "coco_panoptic" else None)
         reports[split] = check_dataset(resolve(cfg.root, getattr(cfg, f"{split}_annotations")),
-                                       resolve(cfg.root, getattr(cfg, f"{split}_images")), **kwargs)
+                                       resolve(cfg.root, getattr(cfg, f"{split}_images")), panoptic=panoptic,
+                                       **kwargs)
     return reports
 
 

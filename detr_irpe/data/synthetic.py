@@ -45,6 +45,12 @@ MIN_COLOR_DISTANCE = 100.0  # RGB distance between an object and the background'
 JPEG_QUALITY = 90
 
 
+# The panoptic variant's stuff: horizontal bands, each class with its own colour (jittered, textured)
+STUFF = {"sky": (90, 140, 220), "grass": (70, 150, 60), "sand": (215, 190, 125)}
+MIN_BAND = 0.2  # a band's height, at least, as a fraction of the image side
+MAX_BANDS = 3
+
+
 @dataclass(frozen=True)
 class SyntheticSpec:
     """Everything that determines the generated files."""
@@ -56,6 +62,7 @@ class SyntheticSpec:
     max_objects: int
     shapes: Tuple[str, ...]
     version: int = GENERATOR_VERSION
+    panoptic: bool = False  # the panoptic variant (stuff bands + shapes as things, PNGs): a separate root
 
 
 @dataclass(frozen=True)
@@ -72,10 +79,16 @@ class SyntheticLayout:
     val_annotations: str = "annotations/instances_val.json"
     num_classes: int = len(SHAPES) + 1
     generated: bool = False
+    panoptic: bool = False  # then *_annotations are COCO panoptic json and *_panoptic_folder their PNGs
+    train_panoptic_folder: str = "panoptic_train"
+    val_panoptic_folder: str = "panoptic_val"
 
     def config_overrides(self) -> List[str]:
         """``data.*=...`` override strings pointing a config at this dataset."""
         keys = ("root", "train_images", "train_annotations", "val_images", "val_annotations")
+        if self.panoptic:
+            keys += ("train_panoptic_folder", "val_panoptic_folder")
+            return [f"data.{k}={getattr(self, k)}" for k in keys] + ["data.dataset=coco_panoptic"]
         return [f"data.{k}={getattr(self, k)}" for k in keys]
 
 
@@ -181,6 +194,110 @@ def mask_rle(pixels: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
+def _bands(rng: np.random.Generator, size: int) -> List[Tuple[int, int, int]]:
+    """1 to :data:`MAX_BANDS` horizontal bands ``(top, bottom, stuff index)`` covering the image,
+    each at least :data:`MIN_BAND` of its height, neighbours of different classes."""
+    count = int(rng.integers(1, MAX_BANDS + 1))
+    free = size - count * int(MIN_BAND * size)
+    cuts = np.sort(rng.integers(0, free + 1, size=count - 1))
+    heights = np.diff(np.concatenate([[0], cuts, [free]])) + int(MIN_BAND * size)
+    heights[-1] += size - heights.sum()
+    bands, top, previous = [], 0, -1
+    for height in heights:
+        label = int(rng.choice([k for k in range(len(STUFF)) if k != previous]))
+        bands.append((top, top + int(height), label))
+        top, previous = top + int(height), label
+    return bands
+
+
+def draw_panoptic_image(rng: np.random.Generator, size: int, shapes: Sequence[str],
+                        max_objects: int) -> Tuple[Image.Image, np.ndarray, List[Dict]]:
+    """One image of the panoptic variant: stuff bands (:data:`STUFF`) as the background, shapes on
+    top as things (each segment its visible pixels; later shapes cover earlier ones).
+
+    Returns the RGB image, the ``(size, size)`` int64 segment ids (every pixel labelled) and the
+    segments ``{id, category_id, iscrowd, bbox (xywh), area}``: thing category ids ``1..len(shapes)``,
+    stuff ``len(shapes) + 1 + index in STUFF`` (one segment per stuff class present)."""
+    colours = list(STUFF.values())
+    picture = np.zeros((size, size, 3))
+    stuff_of = np.zeros((size, size), dtype=np.int64)
+    used_colours = []
+    for top, bottom, label in _bands(rng, size):
+        colour = np.array(colours[label]) + rng.uniform(-20, 20, size=3)
+        texture = _background(rng, size) - 127.5  # the smooth texture around 0
+        picture[top:bottom] = np.clip(colour + 0.4 * texture[top:bottom], 0, 255)
+        stuff_of[top:bottom] = label
+        used_colours.append(colour)
+    image = Image.fromarray(picture.astype(np.uint8))
+    owner = np.full((size, size), -1, dtype=np.int64)  # thing index per pixel, -1: stuff
+    things, placed = [], []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        for _ in range(PLACEMENT_TRIES):
+            label = int(rng.integers(len(shapes)))
+            radius = rng.uniform(MIN_SIZE, MAX_SIZE) * size / 2
+            cx, cy = rng.uniform(radius, size - radius, size=2)
+            mask = Image.new("L", (size, size), 0)
+            _draw_shape(ImageDraw.Draw(mask), shapes[label], radius, rng.uniform(0, 2 * math.pi), cx, cy)
+            box = mask.getbbox()
+            if box is not None and _overlap_ok(box, placed):
+                break
+        else:
+            continue
+        while True:
+            colour = rng.uniform(0, 255, size=3)
+            if min(np.linalg.norm(colour - c) for c in used_colours) >= MIN_COLOR_DISTANCE:
+                break
+        image.paste(tuple(int(c) for c in colour), mask=mask)
+        placed.append(box)
+        owner[np.asarray(mask) > 0] = len(things)
+        things.append(label + 1)
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(4, 12), size=(size, size, 3))
+    ids = np.zeros((size, size), dtype=np.int64)
+    segments = []
+
+    def add(pixels: np.ndarray, category_id: int) -> None:
+        ys, xs = np.nonzero(pixels)
+        if not len(ys):  # a shape covered entirely by later ones
+            return
+        segment_id = len(segments) + 1
+        ids[pixels] = segment_id
+        x0, y0 = int(xs.min()), int(ys.min())
+        segments.append({"id": segment_id, "category_id": category_id, "iscrowd": 0,
+                         "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0], "area": int(len(ys))})
+
+    for label in range(len(STUFF)):
+        add((owner < 0) & (stuff_of == label), len(shapes) + 1 + label)
+    for index, category_id in enumerate(things):
+        add(owner == index, category_id)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), ids, segments
+
+
+def _write_panoptic_split(root: Path, split: str, num_images: int, spec: SyntheticSpec) -> None:
+    image_dir, png_dir = root / split, root / f"panoptic_{split}"
+    image_dir.mkdir(parents=True)
+    png_dir.mkdir(parents=True)
+    images, annotations = [], []
+    split_code = {"train": 0, "val": 1}[split]
+    for index in range(num_images):
+        rng = np.random.default_rng([spec.seed, split_code, index, 1])
+        image, ids, segments = draw_panoptic_image(rng, spec.image_size, spec.shapes, spec.max_objects)
+        image.save(image_dir / f"{index:06d}.jpg", quality=JPEG_QUALITY)
+        rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
+        Image.fromarray(rgb).save(png_dir / f"{index:06d}.png")
+        images.append({"id": index + 1, "file_name": f"{index:06d}.jpg", "width": spec.image_size,
+                       "height": spec.image_size})
+        annotations.append({"image_id": index + 1, "file_name": f"{index:06d}.png", "segments_info": segments})
+    categories = ([{"id": i + 1, "name": name, "supercategory": "shape", "isthing": 1}
+                   for i, name in enumerate(spec.shapes)]
+                  + [{"id": len(spec.shapes) + 1 + i, "name": name, "supercategory": "band", "isthing": 0}
+                     for i, name in enumerate(STUFF)])
+    panoptic = {"info": {"description": f"detr_irpe synthetic panoptic shapes, {split} split",
+                         "version": str(spec.version)},
+                "licenses": [], "images": images, "annotations": annotations, "categories": categories}
+    (root / "annotations").mkdir(exist_ok=True)
+    (root / "annotations" / f"panoptic_{split}.json").write_text(json.dumps(panoptic))
+
+
 # --- writing ---------------------------------------------------------------------------------
 
 def _write_split(root: Path, split: str, num_images: int, spec: SyntheticSpec) -> None:
@@ -209,7 +326,10 @@ def _write_split(root: Path, split: str, num_images: int, spec: SyntheticSpec) -
 
 
 def _manifest(spec: SyntheticSpec, complete: bool) -> str:
-    return json.dumps({**dataclasses.asdict(spec), "shapes": list(spec.shapes), "complete": complete}, indent=2)
+    fields = dataclasses.asdict(spec)
+    if not spec.panoptic:
+        del fields["panoptic"]  # the detection data's manifest as before the variant: cached copies stay valid
+    return json.dumps({**fields, "shapes": list(spec.shapes), "complete": complete}, indent=2)
 
 
 def _is_cached(root: Path, spec: SyntheticSpec, layout: SyntheticLayout) -> bool:
@@ -222,16 +342,22 @@ def _is_cached(root: Path, spec: SyntheticSpec, layout: SyntheticLayout) -> bool
     for split, count in (("train", spec.num_train), ("val", spec.num_val)):
         if not (root / getattr(layout, f"{split}_annotations")).is_file():
             return False
-        image_dir = root / getattr(layout, f"{split}_images")
-        if not image_dir.is_dir() or sum(1 for _ in image_dir.iterdir()) != count:
-            return False
+        folders = [getattr(layout, f"{split}_images")] + ([getattr(layout, f"{split}_panoptic_folder")]
+                                                          if spec.panoptic else [])
+        for folder in folders:
+            if not (root / folder).is_dir() or sum(1 for _ in (root / folder).iterdir()) != count:
+                return False
     return True
 
 
 def ensure_synthetic_dataset(root: Union[str, Path], num_train: int = 2000, num_val: int = 200,
                              image_size: int = 128, seed: int = 0, *, max_objects: int = 6,
-                             shapes: Sequence[str] = SHAPES) -> SyntheticLayout:
+                             shapes: Sequence[str] = SHAPES, panoptic: bool = False) -> SyntheticLayout:
     """Generate the synthetic shapes dataset under ``root``, or reuse it if already there.
+
+    ``panoptic``: the panoptic variant instead (:func:`draw_panoptic_image`: stuff bands and shapes
+    as things, written as COCO panoptic json + PNGs: ``annotations/panoptic_{train,val}.json``,
+    ``panoptic_{train,val}/*.png``); give it a root of its own.
 
     A copy is reused when its manifest records the same parameters; otherwise (different
     parameters, an interrupted run) its files are removed and regenerated. A ``root`` that
@@ -248,9 +374,13 @@ def ensure_synthetic_dataset(root: Union[str, Path], num_train: int = 2000, num_
         raise UsageError(f"image_size must be >= 16 pixels, got {image_size}")
     if max_objects < 1:
         raise UsageError(f"max_objects must be >= 1, got {max_objects}")
-    spec = SyntheticSpec(num_train, num_val, image_size, seed, max_objects, shapes)
+    spec = SyntheticSpec(num_train, num_val, image_size, seed, max_objects, shapes, panoptic=panoptic)
     root = Path(root)
     layout = SyntheticLayout(root=str(root), num_classes=len(shapes) + 1)
+    if panoptic:
+        layout = dataclasses.replace(layout, panoptic=True, num_classes=len(shapes) + len(STUFF) + 1,
+                                     train_annotations="annotations/panoptic_train.json",
+                                     val_annotations="annotations/panoptic_val.json")
     if _is_cached(root, spec, layout):
         return layout
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -285,8 +415,11 @@ def _generate(root: Path, spec: SyntheticSpec, layout: SyntheticLayout) -> Synth
     (root / MANIFEST).write_text(_manifest(spec, complete=False))
     for name in ("train", "val"):
         shutil.rmtree(root / name, ignore_errors=True)
+        shutil.rmtree(root / f"panoptic_{name}", ignore_errors=True)
         (root / "annotations" / f"instances_{name}.json").unlink(missing_ok=True)
-    _write_split(root, "train", spec.num_train, spec)
-    _write_split(root, "val", spec.num_val, spec)
+        (root / "annotations" / f"panoptic_{name}.json").unlink(missing_ok=True)
+    write = _write_panoptic_split if spec.panoptic else _write_split
+    write(root, "train", spec.num_train, spec)
+    write(root, "val", spec.num_val, spec)
     (root / MANIFEST).write_text(_manifest(spec, complete=True))  # last: marks the copy complete
     return dataclasses.replace(layout, generated=True)

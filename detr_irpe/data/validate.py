@@ -99,6 +99,29 @@ KINDS: Dict[str, Tuple[str, str, str, str]] = {
                          "If the boxes were drawn on the image as viewers show it, re-save it upright without "
                          "the tag (PIL.ImageOps.exif_transpose) and give the json its upright size; if they were "
                          "drawn on the stored pixels (COCO's convention), nothing to do."),
+    # COCO panoptic (data.dataset=coco_panoptic): panoptic_*.json and its PNG folder
+    "panoptic_entry": (ERROR, "panoptic annotation", "without an integer 'image_id', a 'file_name' (its PNG) and "
+                       "a 'segments_info' list", "Every entry of 'annotations' describes one image's PNG."),
+    "panoptic_duplicate": (ERROR, "image", "with more than one panoptic annotation",
+                           "Keep one entry of 'annotations' per image."),
+    "panoptic_missing": (WARNING, "image", "without a panoptic annotation (left out of the dataset)", ""),
+    "category_isthing": (ERROR, "category", "without an 'isthing' of 0 or 1",
+                         "Panoptic categories are things (1) or stuff (0): post-processing and PQ need the flag."),
+    "segment_entry": (ERROR, "segment", "without an integer 'id' >= 1 (0 is void) and a 'category_id'",
+                      "Every entry of segments_info needs the id its pixels have in the PNG "
+                      "(R + 256 G + 256^2 B) and its category."),
+    "segment_duplicate": (ERROR, "segment id", "listed more than once in one image's segments_info",
+                          "Give each segment of an image its own id."),
+    "png_folder": (ERROR, "", "", ""),
+    "png_missing": (ERROR, "panoptic PNG", "missing",
+                    "Check that data.*_panoptic_folder (or --panoptic) is the PNG folder of this json."),
+    "png_undecodable": (ERROR, "panoptic PNG", "that cannot be decoded", "Replace the files."),
+    "png_size_mismatch": (ERROR, "panoptic PNG", "whose size differs from its image's width / height",
+                          "The PNG must have the image's size; fix the json or the files."),
+    "segment_absent": (ERROR, "segment", "listed in segments_info but absent from its PNG",
+                       "Remove the segment from segments_info, or fix the PNG (its colour gives the id)."),
+    "segment_unlisted": (ERROR, "panoptic PNG", "with pixels of a segment id that segments_info does not list",
+                         "List the segment in segments_info, or paint its pixels 0 (void)."),
     "bbox_clipped": (WARNING, "annotation",
                      f"whose box extends more than {BORDER_TOLERANCE:g} px past the image border "
                      f"(clipped during loading)", ""),
@@ -151,7 +174,7 @@ class Finding:
         """E.g. ``3 annotations with NaN or infinite bbox values: annotation 12 (image 4) has bbox [nan, ...]; ...``;
         kinds that list all their examples show each on its own line."""
         _, noun, what, fix = KINDS[self.code]
-        if self.code in ("structure", "image_folder"):
+        if self.code in ("structure", "image_folder", "png_folder"):
             return self.detail
         head = f"{self.count} {_plural(noun, self.count)} {what}" if noun else what
         fix = " ".join(s for s in (self.detail, fix) if s)
@@ -226,6 +249,11 @@ def validate_coco_dict(data: Any, source: str = "annotation file", max_examples:
     its segmentations too. Never raises on any JSON value."""
     report = Report(str(source), max_examples=max_examples)
     if not _check_structure(data, report):
+        return report
+    if data["annotations"] and all(isinstance(a, dict) and "segments_info" in a for a in data["annotations"]):
+        report.add("structure").detail = (
+            f"{source} is a COCO panoptic file (its annotations hold 'segments_info'), not a detection one: "
+            f"set data.dataset=coco_panoptic and data.*_panoptic_folder (check-data: --panoptic PNG_FOLDER)")
         return report
     report.num_images, report.num_annotations = len(data["images"]), len(data["annotations"])
     report.num_categories = len(data["categories"])
@@ -507,3 +535,66 @@ def _check_segmentations(annotations: list, sizes: Dict[int, Tuple[float, float]
             finding = report.finding("segmentation_malformed")
             finding.add(f"{_annotation_label(pos, ann)} has {problem}"
                         if len(finding.examples) < report.max_examples else None)
+
+
+PANOPTIC_HINT = ("A COCO panoptic file is a JSON object with 'images', 'annotations' (one per image: 'image_id', "
+                 "'file_name' of its PNG, 'segments_info') and 'categories' (with 'isthing') lists, like "
+                 "annotations/panoptic_val2017.json; see datasets/README.md.")
+
+
+def validate_panoptic_dict(data: Any, source: str = "annotation file", max_examples: int = 5) -> Report:
+    """Every problem of the COCO panoptic dict ``data`` (its PNGs are :mod:`.check`'s); never raises.
+    ``num_annotations`` counts segments."""
+    report = Report(str(source), max_examples=max_examples)
+    if not _check_structure(data, report):
+        report.findings["structure"].detail = report.findings["structure"].detail.replace(COCO_HINT, PANOPTIC_HINT)
+        return report
+    report.num_images, report.num_categories = len(data["images"]), len(data["categories"])
+    cat_ids = _check_categories(data["categories"], report)
+    for cat in data["categories"]:
+        if isinstance(cat, dict) and _is_int(cat.get("id")) and cat["id"] in cat_ids and cat.get("isthing") not in (0, 1):
+            report.add("category_isthing", f"category {cat['id']} has isthing {short(cat.get('isthing'))}")
+    sizes = _check_images(data["images"], report)
+    annotated: Dict[int, int] = {}
+    for pos, ann in enumerate(data["annotations"]):
+        iid = ann.get("image_id") if isinstance(ann, dict) else None
+        if (not _is_int(iid) or not isinstance(ann.get("file_name"), str) or not ann["file_name"].strip()
+                or type(ann.get("segments_info")) is not list):
+            report.add("panoptic_entry", f"entry #{pos} {short(ann)}")
+            continue
+        if iid not in sizes:
+            report.add("unknown_image", f"panoptic annotation #{pos} refers to image_id {iid}")
+        if iid in annotated:
+            report.add("panoptic_duplicate", f"image {iid} (entries #{annotated[iid]} and #{pos})")
+            continue
+        annotated[iid] = pos
+        _check_segments(ann["segments_info"], iid, cat_ids, report)
+    missing = [iid for iid in sizes if iid not in annotated]
+    if missing:
+        report.add_many("panoptic_missing", len(missing), [f"image {iid}" for iid in missing[:max_examples]])
+    if "unknown_category" in report.findings:
+        report.findings["unknown_category"].detail = f"'categories' has ids {sorted(cat_ids)[:20]}: add it there."
+    return report
+
+
+def _check_segments(segments: list, image_id: int, cat_ids: set, report: Report) -> None:
+    seen: set = set()
+    for pos, segment in enumerate(segments):
+        sid = segment.get("id") if isinstance(segment, dict) else None
+        if not _is_int(sid, 1) or "category_id" not in segment:
+            report.add("segment_entry", f"image {image_id}, segment #{pos} {short(segment)}")
+            continue
+        report.num_annotations += 1
+        label = f"segment {sid} (image {image_id})"
+        if sid in seen:
+            report.add("segment_duplicate", label)
+        seen.add(sid)
+        if type(segment["category_id"]) is not int or segment["category_id"] not in cat_ids:
+            report.add("unknown_category", f"{label} has category_id {short(segment['category_id'])}")
+        if segment.get("iscrowd", 0) not in (0, 1) or type(segment.get("iscrowd", 0)) not in (int, bool):
+            report.add("iscrowd", f"{label} has iscrowd {short(segment.get('iscrowd'))}")
+        if "area" in segment and not _finite_number(segment["area"], low=0):
+            report.add("area", f"{label} has area {short(segment['area'])}")
+        bbox = segment.get("bbox", [0, 0, 0, 0])  # box AP of a panoptic detector reads it
+        if type(bbox) is not list or len(bbox) != 4 or not all(_finite_number(v) for v in bbox):
+            report.add("bbox_malformed", f"{label} has bbox {short(bbox)}")

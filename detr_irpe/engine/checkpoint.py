@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, CheckpointNotFoundError
 from .diagnose import SAFE_CLASSES, diagnose
 from ..interop import (checkpoint_from_hf, download_from_hub, hf_weights_file, is_hf_folder, is_hub_id,
-                       load_safetensors, read_hf_config, read_processor_size, read_safetensors_weights)
+                       load_safetensors, read_hf_config, read_processor_format, read_processor_size,
+                       read_safetensors_weights)
 from ..models.segmentation import DETRsegm
 from ..models.state_dict import StateDictDiff, compare_state_dict, describe
 
@@ -117,7 +118,8 @@ def _load_hf(folder: Path, source: str, map_location) -> dict:
         state = read_safetensors_weights(weights, device=str(map_location))
     else:
         state = state_dict_from_checkpoint(_torch_load(weights, map_location))
-    return checkpoint_from_hf(state, read_hf_config(folder), source=source, image_size=read_processor_size(folder))
+    return checkpoint_from_hf(state, read_hf_config(folder), source=source, image_size=read_processor_size(folder),
+                              panoptic=read_processor_format(folder) == "coco_panoptic")
 
 
 def _torch_load(path: Path, map_location) -> dict:

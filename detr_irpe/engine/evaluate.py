@@ -12,13 +12,21 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import build_dataloader, build_dataset
-from ..evaluation import ClassMismatchError, ClassMismatchWarning, CocoEvaluator, class_mismatch, encode_masks
-from ..files import check_writable, fresh_folder, refuse_existing
+from ..evaluation import (ClassMismatchError, ClassMismatchWarning, CocoEvaluator, class_mismatch, encode_masks,
+                          infer_iou_type, load_annotations, load_results)
+from ..evaluation.coco_eval import ANALYSIS_FILE, METRICS_FILE
+from ..files import atomic_write_json, check_writable, fresh_folder, refuse_existing, refuse_inputs
+from ..visualize.eval_plots import write_eval_pictures
 from . import distributed as du
+from .evaluate_panoptic import PREDICTIONS_FILE as PANOPTIC_PREDICTIONS
+from .evaluate_panoptic import evaluate_panoptic_model, is_panoptic
 from .inference import load_detector
 from .step import autocast_context, to_device
 
-EVAL_FILES = ("metrics.json", "detections.json", "segm_detections.json")  # the last for a segmentation model
+EVAL_FILES = ("metrics.json", "detections.json", "segm_detections.json",  # segm_: a segmentation model
+              "analysis.json",  # with eval.pictures: the arrays behind the pictures in eval_pictures/
+              PANOPTIC_PREDICTIONS)  # a panoptic model (engine/evaluate_panoptic.py)
+EVAL_PICTURES = "eval_pictures"
 # the outputs post-processing reads (the rest, auxiliary outputs, stays behind)
 POSTPROCESSED = ("pred_logits", "pred_boxes", "pred_masks", "input_sizes", "pred_masks_sizes")
 
@@ -56,7 +64,8 @@ def predict_dataset(model: nn.Module, postprocessor: nn.Module, dataset, device:
 def evaluate(model: nn.Module, postprocessor: nn.Module, dataset, device: torch.device, batch_size: int = 2,
              num_workers: int = 0, output_dir: Optional[Path] = None, amp: str = "none",
              quiet: bool = False, *, batched_backbone: bool = False, table: bool = True,
-             caveats: Sequence[str] = ()) -> dict:
+             caveats: Sequence[str] = (), backend: str = "auto", pictures: bool = False,
+             confusion_threshold: float = 0.5) -> dict:
     """COCO bbox mAP of ``model`` on ``dataset`` (and mask mAP for a segmentation model); detections
     gathered from every process.
 
@@ -64,11 +73,16 @@ def evaluate(model: nn.Module, postprocessor: nn.Module, dataset, device: torch.
     ``output_dir`` (main process) and
     returns the metrics (the 12 standard numbers, per-class AP, for masks the same prefixed
     ``segm_``, and, given ``caveats`` (what makes them less than they seem), ``warnings``) on every
-    process. Prints pycocotools' table and the per-class AP if ``table`` and not ``quiet``.
+    process. Prints which library computed the AP (``backend``, see
+    :func:`~detr_irpe.evaluation.resolve_backend`), pycocotools' table and the per-class AP if
+    ``table`` and not ``quiet``. With ``pictures`` and an ``output_dir``, also ``analysis.json`` and
+    the pictures that explain the AP in ``output_dir/eval_pictures`` (their paths under
+    ``pictures`` in the returned metrics, not in ``metrics.json``); the confusion matrix counts the
+    detections scoring at least ``confusion_threshold``.
     """
     detections = predict_dataset(model, postprocessor, dataset, device, batch_size, num_workers, amp, quiet,
                                  batched_backbone=batched_backbone)
-    evaluator = CocoEvaluator(dataset.coco)
+    evaluator = CocoEvaluator(dataset.coco, backend=backend)
     evaluator.update(detections)
     evaluator.synchronize()
     metrics = {}
@@ -78,6 +92,10 @@ def evaluate(model: nn.Module, postprocessor: nn.Module, dataset, device: torch.
             metrics["warnings"] = list(caveats)
         if output_dir is not None:
             evaluator.write(output_dir)
+            if pictures:
+                analysis = evaluator.write_analysis(output_dir, confusion_threshold)
+                written = write_eval_pictures(analysis, Path(output_dir) / EVAL_PICTURES)
+                metrics = {**metrics, "pictures": {name: str(path) for name, path in written.items()}}
     return du.broadcast_object(metrics)
 
 
@@ -136,9 +154,45 @@ def evaluate_checkpoint(checkpoint: str, config_path: Optional[str] = None, over
         if du.is_main_process():
             warnings.warn(message, ClassMismatchWarning, stacklevel=2)
         problems.append(message)
+    if is_panoptic(cfg):  # PQ for a panoptic mask model
+        metrics = evaluate_panoptic_model(detector.model, None, dataset, torch_device,
+                                          batch_size=batch_size or cfg.train.batch_size,
+                                          num_workers=cfg.data.num_workers, output_dir=out, amp=cfg.train.amp,
+                                          quiet=quiet, batched_backbone=batched_backbone, caveats=problems)
+        du.cleanup_distributed()
+        return {**metrics, "output_dir": str(out)}
     metrics = evaluate(detector.model, detector.postprocessor, dataset, torch_device,
                        batch_size=batch_size or cfg.train.batch_size, num_workers=cfg.data.num_workers,
                        output_dir=out, amp=cfg.train.amp, quiet=quiet, batched_backbone=batched_backbone,
-                       caveats=problems)
+                       caveats=problems, backend=cfg.eval.backend, pictures=cfg.eval.pictures,
+                       confusion_threshold=cfg.eval.confusion_threshold)
     du.cleanup_distributed()
+    return {**metrics, "output_dir": str(out)}
+
+
+def evaluate_results(results: str, annotations: str, *, output_dir: Optional[str] = None, backend: str = "auto",
+                     iou_type: Optional[str] = None, pictures: bool = True, confusion_threshold: float = 0.5,
+                     overwrite: bool = False, quiet: bool = False) -> dict:
+    """COCO AP of a results file (any detector's, COCO results format) against an annotations file,
+    without a model: ``metrics.json`` (what :func:`~detr_irpe.evaluation.evaluate_detections`
+    returns), and with ``pictures`` ``analysis.json`` and ``eval_pictures/``, into ``output_dir``
+    (default: ``eval_<results name>`` beside the results, numbered if taken). ``iou_type``: bbox or
+    segm, default from the results. Returns the metrics with ``output_dir``."""
+    detections = load_results(results)
+    iou_type = iou_type or infer_iou_type(detections)
+    out = fresh_folder(Path(results).expanduser().parent / f"eval_{Path(results).stem}") if output_dir is None \
+        else Path(output_dir)
+    written = [out / METRICS_FILE, out / ANALYSIS_FILE]
+    if output_dir is not None and not overwrite:
+        refuse_existing(written, "pass --overwrite to replace them, or choose another --output-dir")
+    refuse_inputs(written, [results, annotations],
+                  "choose an --output-dir that does not hold the inputs")
+    check_writable(out, "--output-dir")
+    evaluator = CocoEvaluator(load_annotations(annotations), backend=backend)
+    evaluator.add_results(detections, iou_type)
+    metrics = evaluator.summarize(verbose=not quiet, iou_types=(iou_type,))
+    atomic_write_json(out / METRICS_FILE, metrics, indent=2)
+    if pictures:
+        analysis = evaluator.write_analysis(out, confusion_threshold)
+        write_eval_pictures(analysis, out / EVAL_PICTURES)
     return {**metrics, "output_dir": str(out)}

@@ -25,6 +25,7 @@ from .checkpoint import (load_checkpoint_file, load_for_finetuning, load_frozen_
                          require_training_checkpoint, state_dict_from_checkpoint)
 from .ema import ModelEMA
 from .evaluate import evaluate
+from .evaluate_panoptic import evaluate_panoptic_model, is_panoptic
 from .logger import JsonlWriter, MetricLogger
 from .optim import build_optimizer, build_scheduler
 from .pretrain import pretrain_for_run
@@ -333,10 +334,16 @@ class Trainer:
     def evaluate(self, output_dir: Optional[Path] = None, table: bool = True) -> Dict[str, float]:
         """COCO metrics on the validation split; ``table``: print pycocotools' table (unless quiet)."""
         du.sync_buffers(self.eval_model)
+        if is_panoptic(self.cfg):  # PQ for a panoptic mask model
+            return evaluate_panoptic_model(self.eval_model, None, self.val_set, self.device,
+                                           batch_size=self.cfg.train.batch_size, num_workers=self.cfg.data.num_workers,
+                                           output_dir=output_dir or self.output_dir, amp=self.cfg.train.amp,
+                                           quiet=self.quiet, table=table)
         return evaluate(self.eval_model, self.postprocessor, self.val_set, self.device,
                         batch_size=self.cfg.train.batch_size, num_workers=self.cfg.data.num_workers,
                         output_dir=output_dir or self.output_dir, amp=self.cfg.train.amp, quiet=self.quiet,
-                        table=table)
+                        table=table, backend=self.cfg.eval.backend, pictures=self.cfg.eval.pictures,
+                        confusion_threshold=self.cfg.eval.confusion_threshold)
 
     @property
     def finished(self) -> bool:
@@ -412,8 +419,9 @@ class Trainer:
                 pictures = validation_pictures(self.eval_model, self.postprocessor, self.val_set, self.cfg.data,
                                                t.tensorboard_images, self.device)
                 self.tensorboard.evaluation(metrics, pictures, self.global_step)
+                self.tensorboard.evaluation_pictures(metrics.get("pictures", {}), self.global_step)
             record.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-            ap = metrics.get("AP", -1.0)
+            ap = metrics.get("PQ" if is_panoptic(self.cfg) else "AP", -1.0)
             is_best = ap > self.best_ap
             self.best_ap = max(self.best_ap, ap)
         self.pending = None

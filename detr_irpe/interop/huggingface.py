@@ -34,6 +34,7 @@ from .safetensors_io import save_safetensors
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"  # the image processor's settings (resize, normalisation)
+PANOPTIC_FORMAT = "coco_panoptic"  # its "format" for a panoptic model, and data.dataset here
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 WRITTEN_FILES = (CONFIG_FILE, PREPROCESSOR_FILE, WEIGHTS_FILES[0])  # what save_hf_folder writes
 _TRUE = ("1", "ON", "YES", "TRUE")  # the values huggingface_hub reads as true in HF_HUB_OFFLINE
@@ -158,12 +159,25 @@ def read_processor_size(folder: Union[str, os.PathLike]) -> Optional[Tuple[int, 
     return edges if all(isinstance(e, int) and e > 0 for e in edges) else None
 
 
+def read_processor_format(folder: Union[str, os.PathLike]) -> Optional[str]:
+    """The annotation ``format`` of a model folder's ``preprocessor_config.json`` (``coco_panoptic``
+    for a panoptic model such as ``facebook/detr-resnet-50-panoptic``), or None."""
+    try:
+        value = json.loads((Path(folder) / PREPROCESSOR_FILE).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def checkpoint_from_hf(hf_state: Mapping[str, Tensor], hf_config: Mapping, source: str = "config.json",
-                       image_size: Optional[Tuple[int, int]] = None) -> dict:
+                       image_size: Optional[Tuple[int, int]] = None, panoptic: bool = False) -> dict:
     """A transformers DETR's weights and config.json as a checkpoint dict of this project.
 
     ``image_size``: ``(shortest, longest)`` side of its image processor (:func:`read_processor_size`),
-    which becomes the config's ``data.eval_size`` / ``data.max_size``.
+    which becomes the config's ``data.eval_size`` / ``data.max_size``. ``panoptic``: its processor's
+    format is ``coco_panoptic`` (:func:`read_processor_format`): the config then reads COCO panoptic
+    data in official DETR's layout (``data.dataset=coco_panoptic``, ``annotations/panoptic_*2017.json``),
+    so that eval and predict give PQ and panoptic maps.
 
     Returns:
         ``{"model": state dict with official-DETR keys, "config": Config.to_dict() with the model
@@ -183,6 +197,10 @@ def checkpoint_from_hf(hf_state: Mapping[str, Tensor], hf_config: Mapping, sourc
     cfg = Config(model=model_cfg)
     if image_size is not None:
         cfg.data.eval_size, cfg.data.max_size = image_size
+    if panoptic:
+        cfg.data.dataset = PANOPTIC_FORMAT
+        cfg.data.train_annotations, cfg.data.val_annotations = (f"annotations/panoptic_{split}2017.json"
+                                                                for split in ("train", "val"))
     return {"model": state, "config": cfg.to_dict(), "categories": categories}
 
 
@@ -246,5 +264,6 @@ def image_processor_config(data_config: DataConfig) -> str:
     transformers = require("transformers", "writing a Hugging Face transformers folder (--to hf)")
     processor = transformers.DetrImageProcessor(
         size={"shortest_edge": data_config.eval_size, "longest_edge": data_config.max_size},
-        do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_pad=True)
+        do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_pad=True,
+        format=PANOPTIC_FORMAT if data_config.dataset == PANOPTIC_FORMAT else "coco_detection")
     return processor.to_json_string()

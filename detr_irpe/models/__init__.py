@@ -6,7 +6,7 @@ from .criterion import SetCriterion, detr_weight_dict
 from .detr import DETR, MLP
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine, build_position_encoding
-from .postprocess import PostProcess, PostProcessSegm
+from .postprocess import PostProcess, PostProcessPanoptic, PostProcessSegm
 from .segmentation import DETRsegm, MaskHeadSmallConv, MHAttentionMap
 from .transformer import Transformer, TransformerDecoderLayer, TransformerEncoderLayer
 
@@ -14,6 +14,6 @@ __all__ = [
     "DETR", "MLP", "Joiner", "ResNetBackbone", "TinyBackbone", "build_backbone", "DegenerateBoxError",
     "build_detr", "resolve_model_config", "SetCriterion", "detr_weight_dict", "HungarianMatcher",
     "PositionEmbeddingLearned", "PositionEmbeddingSine", "build_position_encoding", "PostProcess",
-    "PostProcessSegm", "DETRsegm", "MaskHeadSmallConv", "MHAttentionMap",
+    "PostProcessPanoptic", "PostProcessSegm", "DETRsegm", "MaskHeadSmallConv", "MHAttentionMap",
     "Transformer", "TransformerDecoderLayer", "TransformerEncoderLayer",
 ]

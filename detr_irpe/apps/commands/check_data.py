@@ -21,6 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--masks", action="store_true",
                    help="check the segmentations too, as instance-segmentation training reads them (implied by "
                         "a --config with model.masks=true)")
+    p.add_argument("--panoptic", metavar="PNG_FOLDER",
+                   help="--annotations is COCO panoptic json and this its PNG folder: checks every PNG too (implied "
+                        "by a --config with data.dataset=coco_panoptic)")
     options.overrides(p)
 
 
@@ -30,7 +33,8 @@ def run(args) -> int:
     if args.annotations:
         if args.config or args.overrides:
             raise UsageError("give either --annotations (with --images) or --config [overrides], not both")
-        reports = {"dataset": check_dataset(args.annotations, args.images, masks=args.masks, **settings)}
+        reports = {"dataset": check_dataset(args.annotations, args.images, masks=args.masks,
+                                             panoptic=args.panoptic, **settings)}
     else:
         cfg = load_config(args.config, args.overrides)
         splits = ("train", "val") if args.split == "both" else (args.split,)

@@ -30,6 +30,9 @@ def add_arguments(p) -> None:
     p.add_argument("--masks", action="store_true",
                    help="then train DETR's mask head on the frozen detector (1500 iterations, into "
                         "<output-dir>/masks), evaluate mask AP and draw the masks")
+    p.add_argument("--panoptic", action="store_true",
+                   help="the panoptic variant: stuff bands behind the shapes (COCO panoptic data in "
+                        "<data-root>_panoptic); the detector, then its mask head as --masks, evaluated by PQ")
     p.add_argument("--detector", help="with --masks: the detection checkpoint to freeze (e.g. an earlier "
                                       "demo's outputs/demo/checkpoint.pth) instead of training one")
     options.overrides(p)
@@ -44,6 +47,6 @@ def run(args) -> int:
     run_demo(DemoSettings(config=args.config, overrides=overrides, output_dir=args.output_dir,
                           data_root=args.data_root, budget_minutes=args.budget_minutes, num_train=args.num_train,
                           num_val=args.num_val, image_size=args.image_size, num_pictures=args.num_pictures,
-                          pictures=not args.no_pictures, max_iterations=args.max_iterations, masks=args.masks,
+                          pictures=not args.no_pictures, max_iterations=args.max_iterations, masks=args.masks, panoptic=args.panoptic,
                           detector=args.detector))
     return 0
