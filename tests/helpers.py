@@ -72,6 +72,7 @@ def tiny_overrides(output_dir, **extra) -> list:
         "model.rpe": "rpe-2.0-product-ctx-1-k", "model.num_classes": 91,
         "train.output_dir": str(output_dir), "train.epochs": 2, "train.batch_size": 2, "train.lr": 1e-3,
         "train.lr_drop": 1, "train.log_every": 1, "train.seed": 7, "train.deterministic": "true",
+        "eval.pictures": "false",  # drawn and checked in test_eval_pictures.py and test_engine_cli.py
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

@@ -34,6 +34,7 @@ def check_tensorboard_events(folder):
 def test_train_resume_eval_predict(tmp_path):
     out = tmp_path / "run"
     first = run_tool("train.py", *tiny_overrides(out, **{"train.epochs": 1, "train.tensorboard": "true",
+                                                         "eval.pictures": "true",
                                                          "train.tensorboard_images": 2, "train.save_safetensors": "true"}))
     assert "epoch 0 |" in first.stdout
     check_tensorboard_events(out / "tensorboard")

@@ -174,7 +174,8 @@ def test_each_validation_in_training_writes_the_pictures_and_tensorboard_images(
     run = tmp_path / "run"
     assert main(["train"] + tiny_overrides(run, **{"train.epochs": 1, "train.max_iters_per_epoch": 1,
                                                    "train.tensorboard": "true", "train.tensorboard_images": 0,
-                                                   "train.deterministic": "false", "model.rpe": "null"})) == 0
+                                                   "train.deterministic": "false", "model.rpe": "null",
+                                                   "eval.pictures": "true"})) == 0
     assert sorted(p.stem for p in (run / "eval_pictures").iterdir()) == sorted(eval_plots.PICTURES)
     analysis = json.loads((run / "analysis.json").read_text())["bbox"]
     metrics = json.loads((run / "metrics.json").read_text())
