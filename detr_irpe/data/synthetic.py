@@ -149,6 +149,21 @@ def _overlap_ok(box: Tuple[int, int, int, int], placed: Sequence[Tuple[int, int,
     return True
 
 
+def _place_shape(rng: np.random.Generator, size: int, shapes: Sequence[str], placed: List[tuple]):
+    """``(label, mask (an "L" image), box)`` of a shape whose box overlaps those ``placed`` by at most
+    ``MAX_OVERLAP``, drawn in up to ``PLACEMENT_TRIES`` tries; None when none fits."""
+    for _ in range(PLACEMENT_TRIES):
+        label = int(rng.integers(len(shapes)))
+        radius = rng.uniform(MIN_SIZE, MAX_SIZE) * size / 2
+        cx, cy = rng.uniform(radius, size - radius, size=2)
+        mask = Image.new("L", (size, size), 0)
+        _draw_shape(ImageDraw.Draw(mask), shapes[label], radius, rng.uniform(0, 2 * math.pi), cx, cy)
+        box = mask.getbbox()
+        if box is not None and _overlap_ok(box, placed):
+            return label, mask, box
+    return None
+
+
 def draw_image(rng: np.random.Generator, size: int, shapes: Sequence[str],
                max_objects: int) -> Tuple[Image.Image, List[Dict]]:
     """One ``size`` x ``size`` RGB image and its objects ``{category_id, bbox (xywh), area, segmentation}``.
@@ -162,17 +177,10 @@ def draw_image(rng: np.random.Generator, size: int, shapes: Sequence[str],
     image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
     objects, placed = [], []
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        for _ in range(PLACEMENT_TRIES):
-            label = int(rng.integers(len(shapes)))
-            radius = rng.uniform(MIN_SIZE, MAX_SIZE) * size / 2
-            cx, cy = rng.uniform(radius, size - radius, size=2)
-            mask = Image.new("L", (size, size), 0)
-            _draw_shape(ImageDraw.Draw(mask), shapes[label], radius, rng.uniform(0, 2 * math.pi), cx, cy)
-            box = mask.getbbox()
-            if box is not None and _overlap_ok(box, placed):
-                break
-        else:
+        found = _place_shape(rng, size, shapes, placed)
+        if found is None:
             continue  # no room for another object
+        label, mask, box = found
         while True:
             colour = rng.uniform(0, 255, size=3)
             if np.linalg.norm(colour - mean_colour) >= MIN_COLOR_DISTANCE:
@@ -232,17 +240,10 @@ def draw_panoptic_image(rng: np.random.Generator, size: int, shapes: Sequence[st
     owner = np.full((size, size), -1, dtype=np.int64)  # thing index per pixel, -1: stuff
     things, placed = [], []
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        for _ in range(PLACEMENT_TRIES):
-            label = int(rng.integers(len(shapes)))
-            radius = rng.uniform(MIN_SIZE, MAX_SIZE) * size / 2
-            cx, cy = rng.uniform(radius, size - radius, size=2)
-            mask = Image.new("L", (size, size), 0)
-            _draw_shape(ImageDraw.Draw(mask), shapes[label], radius, rng.uniform(0, 2 * math.pi), cx, cy)
-            box = mask.getbbox()
-            if box is not None and _overlap_ok(box, placed):
-                break
-        else:
-            continue
+        found = _place_shape(rng, size, shapes, placed)
+        if found is None:
+            continue  # no room for another object
+        label, mask, box = found
         while True:
             colour = rng.uniform(0, 255, size=3)
             if min(np.linalg.norm(colour - c) for c in used_colours) >= MIN_COLOR_DISTANCE:
