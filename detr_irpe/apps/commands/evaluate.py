@@ -56,5 +56,5 @@ def run(args) -> int:
                                   device=args.device, batch_size=args.batch_size,
                                   batched_backbone=args.batched_backbone, overwrite=args.overwrite,
                                   strict=args.strict)
-    print(f"metrics.json written to {metrics['output_dir']}, with what the model predicted")
+    print(f"metrics.json and the predictions written to {metrics['output_dir']}")
     return 0
