@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 COCO = REPO / "tests" / "data" / "coco"
@@ -103,3 +104,21 @@ def spawn_gloo(check, out_dir: Path, world: int = 2) -> list:
     (``check``: a module-level function of the rank, returning what ``torch.save`` can write)."""
     mp.spawn(_gloo_worker, args=(world, check, str(out_dir / "init"), str(out_dir)), nprocs=world, join=True)
     return [torch.load(out_dir / f"{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+class LargestTensor(TorchDispatchMode):
+    """Inside ``with LargestTensor() as probe``: the largest tensor any torch op made, in elements
+    (``probe.largest``) and in bytes (``probe.largest_bytes``; triton's interpreter copies its
+    arguments as bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = self.largest_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+                self.largest_bytes = max(self.largest_bytes, t.numel() * t.element_size())
+        return out

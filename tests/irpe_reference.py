@@ -77,45 +77,16 @@ def attention_ref(module, query, key_padding_mask, hw, dropout_mask=None):
     q = (query @ w[:C].T + bias[:C]).reshape(L, B, H, D).permute(1, 2, 0, 3)
     k = (query @ w[C:2 * C].T + bias[C:2 * C]).reshape(L, B, H, D).permute(1, 2, 0, 3)
     v = (query @ w[2 * C:].T + bias[2 * C:]).reshape(L, B, H, D).permute(1, 2, 0, 3)
-    scale = 1.0 / math.sqrt(D)
-    logits = torch.einsum("bhid,bhjd->bhij", q * scale, k)
-    cfg = module.rpe_config
-    skip = cfg.skip if cfg is not None else 0
-
-    def ids_for(method):
-        return bucket_matrix_ref(method, hw[0], hw[1], cfg.ratio, skip)
-
-    for method, table in tables_of(module, "k"):
-        ids = ids_for(method)
-        if table.mode == "bias":
-            logits = logits + table.lookup_table_bias[:, ids].expand(H, L, L)
-        else:
-            r = table.lookup_table_weight.transpose(1, 2)[:, ids]  # (heads, L, L, D)
-            logits = logits + torch.einsum("bhid,hijd->bhij", q * scale, r.expand(H, L, L, D))
-    for method, table in tables_of(module, "q"):
-        ids = ids_for(method).T  # query side: bucket of p_j - p_i
-        if table.mode == "bias":
-            logits = logits + table.lookup_table_bias[:, ids].expand(H, L, L)
-        else:
-            r = table.lookup_table_weight.transpose(1, 2)[:, ids]  # r[h, i, j] = rq[b(j, i)]
-            logits = logits + torch.einsum("bhjd,hijd->bhij", k * scale, r.expand(H, L, L, D))
-    if key_padding_mask is not None:
-        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    attn = logits.softmax(-1)
-    if dropout_mask is not None:  # (B, H, L, L) multipliers: 0 or 1 / (1 - p)
-        attn = attn * dropout_mask
-    out = torch.einsum("bhij,bhjd->bhid", attn, v)
-    for method, table in tables_of(module, "v"):
-        r = table.lookup_table_weight[:, ids_for(method)]  # (heads, L, L, D)
-        out = out + torch.einsum("bhij,hijd->bhid", attn, r.expand(H, L, L, D))
+    out, attn = attention_heads_ref(module, q, k, v, key_padding_mask, hw, dropout_mask, weights=True)
     out = out.permute(2, 0, 1, 3).reshape(L, B, C)
     return module.out_proj(out), attn.mean(1)
 
 
-def attention_heads_ref(module, q, k, v, key_padding_mask, hw, dropout_mask=None):
+def attention_heads_ref(module, q, k, v, key_padding_mask, hw, dropout_mask=None, weights=False):
     """:func:`attention_ref` between the projections: ``(B, H, L, D)`` q, k, v (not scaled) with the
     iRPE tables of ``module`` (an RPEMultiheadAttention) to the ``(B, H, L, D)`` output of the heads,
-    so that a test can compare the gradients of q, k and v themselves."""
+    so that a test can compare the gradients of q, k and v themselves (with ``weights``, also the
+    ``(B, H, L, L)`` attention weights)."""
     B, H, L, D = q.shape
     scale = 1.0 / math.sqrt(D)
     logits = torch.einsum("bhid,bhjd->bhij", q * scale, k)
@@ -148,4 +119,4 @@ def attention_heads_ref(module, q, k, v, key_padding_mask, hw, dropout_mask=None
     for method, table in tables_of(module, "v"):
         r = table.lookup_table_weight[:, ids_for(method)]  # (heads, L, L, D)
         out = out + torch.einsum("bhij,hijd->bhid", attn, r.expand(H, L, L, D))
-    return out
+    return (out, attn) if weights else out

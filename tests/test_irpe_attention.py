@@ -5,10 +5,9 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from detr_irpe.irpe import BucketCache, RPEConfig, RPEMultiheadAttention
-from helpers import randomize_tables
+from helpers import LargestTensor, randomize_tables
 from irpe_reference import attention_ref
 
 RPE_ON = ["q", "k", "v", "qk", "kv", "qv", "qkv"]
@@ -118,19 +117,6 @@ def test_gradcheck_float64(spec):
     assert torch.autograd.gradcheck(f, (x.requires_grad_(), *params.values()), eps=1e-6, atol=1e-5)
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("spec", ["rpe-2.0-product-ctx-0-qkv", "rpe-2.0-cross-ctx-1-qkv", "rpe-2.0-euc-bias-0-qk"])
 def test_never_materialises_pairwise_head_dim_tensor(spec):
     """Forward and backward never allocate a tensor of L*L*head_dim elements (the explicit path;
@@ -139,7 +125,7 @@ def test_never_materialises_pairwise_head_dim_tensor(spec):
     L = H * W
     attn = RPEMultiheadAttention(heads * head_dim, heads, rpe=spec, rpe_impl="sdpa")
     x = torch.randn(L, 1, heads * head_dim, requires_grad=True)
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         out, _ = attn(x, x, x, hw=(H, W))
         out.sum().backward()
     assert probe.largest < L * L * head_dim

@@ -31,12 +31,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from detr_irpe.irpe import RPEConfig, RPEMultiheadAttention, triton_kernel
 from detr_irpe.irpe.buckets import TABLE_METHODS, bucket_ids_2d
 from irpe_reference import attention_heads_ref, attention_ref, bucket_ref
-from helpers import randomize_tables
+from helpers import LargestTensor, randomize_tables
 
 HERE = Path(__file__).resolve().parent
 FLOAT32_TOLERANCE = 1e-4  # of the largest absolute value of each reference tensor
@@ -218,21 +217,6 @@ def run_dropout_masks() -> dict:
     )
 
 
-class LargestTensor(TorchDispatchMode):
-    """The most bytes one tensor made by a torch op holds (the interpreter copies arguments as bytes)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
-
-
 def run_largest_tensor() -> dict:
     """The largest tensor of forward and backward, in bytes (the kernels' own tiles are blocks)."""
     params = case("product", rpe_on="qkv", shared=False, hw=(6, 8), dropout=0.1)[1]
@@ -245,7 +229,7 @@ def run_largest_tensor() -> dict:
                                        0.1, 5, 16)
         out = triton_kernel.run(plan, *inputs, [t.lookup_table.float() for _, t in tables])
         out.sum().backward()
-    return dict(largest=probe.largest, buckets=tables[0][1].num_buckets, shape=list(inputs[0].shape))
+    return dict(largest=probe.largest_bytes, buckets=tables[0][1].num_buckets, shape=list(inputs[0].shape))
 
 
 def multiply_bfloat16_in_the_interpreter() -> None:
