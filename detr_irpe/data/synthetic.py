@@ -149,6 +149,14 @@ def _overlap_ok(box: Tuple[int, int, int, int], placed: Sequence[Tuple[int, int,
     return True
 
 
+def _distinct_colour(rng: np.random.Generator, avoid: Sequence[np.ndarray]) -> np.ndarray:
+    """A random RGB colour at least ``MIN_COLOR_DISTANCE`` from each colour of ``avoid``."""
+    while True:
+        colour = rng.uniform(0, 255, size=3)
+        if min(np.linalg.norm(colour - c) for c in avoid) >= MIN_COLOR_DISTANCE:
+            return colour
+
+
 def _place_shape(rng: np.random.Generator, size: int, shapes: Sequence[str], placed: List[tuple]):
     """``(label, mask (an "L" image), box)`` of a shape whose box overlaps those ``placed`` by at most
     ``MAX_OVERLAP``, drawn in up to ``PLACEMENT_TRIES`` tries; None when none fits."""
@@ -181,10 +189,7 @@ def draw_image(rng: np.random.Generator, size: int, shapes: Sequence[str],
         if found is None:
             continue  # no room for another object
         label, mask, box = found
-        while True:
-            colour = rng.uniform(0, 255, size=3)
-            if np.linalg.norm(colour - mean_colour) >= MIN_COLOR_DISTANCE:
-                break
+        colour = _distinct_colour(rng, [mean_colour])
         image.paste(tuple(int(c) for c in colour), mask=mask)
         x0, y0, x1, y1 = box
         placed.append(box)
@@ -244,10 +249,7 @@ def draw_panoptic_image(rng: np.random.Generator, size: int, shapes: Sequence[st
         if found is None:
             continue  # no room for another object
         label, mask, box = found
-        while True:
-            colour = rng.uniform(0, 255, size=3)
-            if min(np.linalg.norm(colour - c) for c in used_colours) >= MIN_COLOR_DISTANCE:
-                break
+        colour = _distinct_colour(rng, used_colours)
         image.paste(tuple(int(c) for c in colour), mask=mask)
         placed.append(box)
         owner[np.asarray(mask) > 0] = len(things)
