@@ -73,7 +73,7 @@ def step_normalizers(criterion: nn.Module, model: nn.Module, batches: Sequence[B
     world = du.get_world_size()
     if len(batches) == 1 and (world == 1 or normalization == "official"):
         return None
-    detr = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    detr = _unwrap(model)
     groups = detr.query_groups if detr.training else 1
     counts = [criterion.batch_counts(targets, detr.num_queries, groups) for _, _, targets in batches]
     boxes, weight = (sum(c[i] for c in counts) for i in range(2))
@@ -142,12 +142,17 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     scaler.step(optimizer)
     scaler.update()
     if ema is not None:
-        ema.update(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
+        ema.update(_unwrap(model))
     return StepResult(total, _combine(parts))
 
 
 def _device_of(batch: Batch, device: Optional[torch.device]) -> torch.device:
     return torch.device(device) if device is not None else batch[0].device
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP's wrapper (the model itself when not wrapped)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _no_sync(model: nn.Module):
