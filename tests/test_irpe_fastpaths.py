@@ -15,8 +15,9 @@ from torch.func import functional_call
 
 from detr_irpe.irpe import METHODS, RPEConfig, RPEMultiheadAttention, native
 from detr_irpe.irpe.spec import MAX_RATIO
+from helpers import LargestTensor
 from irpe_reference import attention_ref
-from test_irpe_attention import COMBOS, _LargestTensor, make_inputs, randomize_tables
+from test_irpe_attention import COMBOS, make_inputs, randomize_tables
 
 
 def blockwise(cfg, channels=16, heads=4, rows=None, dropout=0.0, impl="chunked"):
@@ -159,7 +160,7 @@ def test_chunked_never_forms_a_full_attention_matrix(spec):
     x = torch.randn(L, B, 32, requires_grad=True)
     kpm = torch.zeros(B, L, dtype=torch.bool)
     kpm[1, -5:] = True
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         out, _ = attn(x, x, x, key_padding_mask=kpm, hw=(H, W))
         out.sum().backward()
     assert probe.largest <= B * heads * max(8 * L, 81 * L) < B * heads * L * L
