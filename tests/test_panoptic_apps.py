@@ -78,6 +78,13 @@ def test_eval_and_predict_commands_on_a_panoptic_checkpoint(demo_run, tmp_path, 
     assert entry["picture"].endswith("000000.png") and (tmp_path / "pred" / "panoptic" / "000000.png").is_file()
     assert entry["detections"] and {"id", "category_id", "isthing", "area", "name"} <= set(entry["detections"][0])
     assert sum(s["area"] for s in entry["detections"]) == 48 * 48
+    (tmp_path / "pred" / "000000.png").unlink()  # the picture and detections.json gone, the panoptic PNG kept
+    (tmp_path / "pred" / "detections.json").unlink()
+    kept = (tmp_path / "pred" / "panoptic" / "000000.png").read_bytes()
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", checkpoint, "--out", str(tmp_path / "pred"), str(image)]) == 1
+    assert "panoptic/000000.png" in capsys.readouterr().err
+    assert (tmp_path / "pred" / "panoptic" / "000000.png").read_bytes() == kept
     # the demo's pictures of a panoptic run: the same drawing, on the first validation images
     cfg = load_detector(checkpoint).config
     drawn = draw_panoptic_pictures(root / "run" / "masks" / "checkpoint.pth", cfg, tmp_path / "demo_pictures", 2, "cpu")

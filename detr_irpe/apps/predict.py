@@ -29,7 +29,7 @@ from ..export import OnnxDetector, UnsupportedImageError, detection_records  # d
 from ..files import (OutputExistsError, atomic_write_json, check_writable, refuse_existing, refuse_inputs,
                      same_file)
 from ..visualize import draw_detections, save_png
-from .predict_panoptic import predict_panoptic
+from .predict_panoptic import PNG_FOLDER, predict_panoptic
 
 DETECTIONS_FILE = "detections.json"
 _NAMED = 5  # subfolders named in the note of those skipped
@@ -261,6 +261,10 @@ def predict_path(checkpoint: str, inputs, out_dir, threshold: float = 0.7, *, co
     detector = load_detector(checkpoint, config_path, overrides, device=device)
     detector.batched_backbone = batched_backbone
     if is_panoptic(detector.config):  # the panoptic map with a legend, PNGs and segments_info
+        pngs = [out_dir / PNG_FOLDER / Path(name).with_suffix(".png") for name in names]
+        refuse_inputs(pngs, paths, "choose another --out")
+        if not overwrite:
+            refuse_existing(pngs, "pass --overwrite to replace them, or choose another --out")
         return predict_panoptic(detector, paths, out_dir, threshold, names)
     return predict_images(detector, paths, out_dir, threshold, batch_size, overwrite, names)
 
