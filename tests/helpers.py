@@ -99,10 +99,25 @@ def _gloo_worker(rank: int, world: int, check, init_file: str, out_dir: str) -> 
         dist.destroy_process_group()
 
 
+# What a child process needs, imported once in the fork server; each child is then a fork of it (a
+# fresh interpreter would spend seconds importing torch). The server never runs a torch op, so no
+# thread pool is copied half-way through its work.
+PRELOAD = ["torch", "torchvision", "detr_irpe.models", "detr_irpe.engine", "helpers"]
+
+
+def process_context():
+    """The multiprocessing context for the tests' child processes: ``forkserver``, preloaded."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
 def spawn_gloo(check, out_dir: Path, world: int = 2) -> list:
     """``[check(0), check(1), ...]``, each computed in its own process of one gloo process group
     (``check``: a module-level function of the rank, returning what ``torch.save`` can write)."""
-    mp.spawn(_gloo_worker, args=(world, check, str(out_dir / "init"), str(out_dir)), nprocs=world, join=True)
+    process_context()
+    mp.start_processes(_gloo_worker, args=(world, check, str(out_dir / "init"), str(out_dir)), nprocs=world,
+                       join=True, start_method="forkserver")
     return [torch.load(out_dir / f"{rank}.pt", weights_only=False) for rank in range(world)]
 
 

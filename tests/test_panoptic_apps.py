@@ -1,6 +1,7 @@
 """Panoptic segmentation end to end on the synthetic panoptic data: demo --panoptic (train, PQ),
 eval of a panoptic checkpoint (PQ from the written files equals PQ from the loop), predict's
 panoptic pictures, check-data on a panoptic config, the shipped panoptic configs."""
+import functools
 import json
 
 import numpy as np
@@ -163,25 +164,23 @@ def test_a_transformers_panoptic_folder_loads_as_a_panoptic_model_with_the_same_
     assert read_processor_format(back) == "coco_panoptic" and read_processor_format(tmp_path / "hf") == "coco_panoptic"
 
 
-def _pq_on_rank(rank):
+def _pq_on_rank(checkpoint, rank):
     """PQ of the demo's mask model over its val split (3 images + 1 repeated: 2 per process), in a
     process group of 2 (see test_pq_under_ddp_counts_each_image_once)."""
-    import os
-
-    detector = load_detector(os.environ["PANOPTIC_TEST_CHECKPOINT"])
+    detector = load_detector(checkpoint)
     dataset = build_dataset(detector.config.data, "val", masks=True)
     assert len(dataset) == 3  # an odd count: the loader repeats one image to even the shards
     return evaluate_panoptic_model(detector.model, None, dataset, torch.device("cpu"), batch_size=1,
                                    quiet=True, threshold=0.0)
 
 
-def test_pq_under_ddp_counts_each_image_once(demo_run, tmp_path, monkeypatch):
+def test_pq_under_ddp_counts_each_image_once(demo_run, tmp_path):
     from helpers import spawn_gloo
 
     root, _ = demo_run
-    monkeypatch.setenv("PANOPTIC_TEST_CHECKPOINT", str(root / "run" / "masks" / "checkpoint.pth"))
-    ranks = spawn_gloo(_pq_on_rank, tmp_path)
-    alone = _pq_on_rank(0)
+    pq_on_rank = functools.partial(_pq_on_rank, str(root / "run" / "masks" / "checkpoint.pth"))
+    ranks = spawn_gloo(pq_on_rank, tmp_path)
+    alone = pq_on_rank(0)
     assert ranks[0] == ranks[1] == alone
     gt = json.loads((root / "data_panoptic" / "annotations" / "panoptic_val.json").read_text())["annotations"][:3]
     found = sum(c["tp"] + c["fn"] for c in alone["PQ_counts"].values())

@@ -1,6 +1,5 @@
 """Synthetic shapes dataset: deterministic, cached, valid COCO, sensible objects."""
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pycocotools.coco import COCO
 
 from detr_irpe.data import CocoDetection, ensure_synthetic_dataset, num_classes_from_annotations
 from detr_irpe.data.synthetic import SHAPES, draw_image
+from helpers import process_context
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = dict(num_train=24, num_val=8, image_size=64, seed=3)
@@ -124,7 +124,7 @@ def _generate_in_subprocess(root, queue):
 
 def test_concurrent_calls_take_turns(tmp_path):
     """Two processes on the same root (DDP ranks, two demos): one generates, the other reuses."""
-    ctx = multiprocessing.get_context("spawn")
+    ctx = process_context()
     queue = ctx.Queue()
     root = str(tmp_path / "shared")
     procs = [ctx.Process(target=_generate_in_subprocess, args=(root, queue)) for _ in range(2)]
