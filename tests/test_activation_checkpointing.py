@@ -3,9 +3,6 @@ recompute draws the same dropout masks as the first pass (torch's RNG state is p
 and every iRPE kernel takes its seed from that generator), so the gradients equal plain training's,
 with attention dropout on, for every way the iRPE attention runs; under autocast too."""
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -46,8 +43,7 @@ def setting(impl):
     return f"no setting for rpe_impl={impl} in this test yet: add one to setting()"
 
 
-# the Triton kernel runs here only when triton was imported for its interpreter (or on a GPU); the
-# test below runs this file in such a process
+# the Triton kernel runs here only when triton was imported for its interpreter (or on a GPU)
 IMPLS = [i for i in RPE_IMPLS if i != "auto" and (i != "triton" or triton_kernel.INTERPRETED
                                                   or torch.cuda.is_available())]
 
@@ -88,16 +84,17 @@ def twins(impl, dtype=torch.float64, device="cpu"):
     return plain, checkpointed, criterion
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_checkpointed_gradients_equal_plain_ones_with_attention_dropout(impl):
-    if isinstance(setting(impl), str):
-        pytest.skip(setting(impl))
+def check_checkpointed_gradients(impl, sizes=((96, 128), (64, 96)), other_seed=True):
+    """Asserts that the checkpointed model's gradients and batch-norm statistics equal the plain one's
+    with dropout on (``other_seed``: and that another seed would give other gradients), and that each
+    checkpointed part ran again in backward."""
     device, dtype, rel = setting(impl)
     plain, checkpointed, criterion = twins(impl, dtype, device)
-    images, targets = make_images([(96, 128), (64, 96)]), make_targets([2, 1])
+    images, targets = make_images(sizes), make_targets([2, 1][:len(sizes)])
     want, want_stats = gradients(plain, criterion, images, targets)
-    other, _ = gradients(plain, criterion, images, targets, seed=6)
-    assert any(not torch.equal(other[n], want[n]) for n in want)  # dropout is on: another seed, other gradients
+    if other_seed:
+        other, _ = gradients(plain, criterion, images, targets, seed=6)
+        assert any(not torch.equal(other[n], want[n]) for n in want)  # dropout is on: another seed, other gradients
     runs = []
     for module in (checkpointed.backbone[0].body.stage3, checkpointed.transformer.encoder.layers[1],
                    checkpointed.transformer.decoder.layers[0]):
@@ -112,12 +109,13 @@ def test_checkpointed_gradients_equal_plain_ones_with_attention_dropout(impl):
         assert torch.equal(got_stats[name], want_stats[name]), name
 
 
-def test_the_triton_kernel_recomputes_the_same_masks_through_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                           __file__, "-k", "checkpointed_gradients_equal_plain_ones and triton"],
-                          capture_output=True, text=True, env=env, cwd=os.path.dirname(__file__), timeout=600)
-    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+@pytest.mark.parametrize("impl", IMPLS)
+def test_checkpointed_gradients_equal_plain_ones_with_attention_dropout(impl):
+    """Every kernel this process can run; the Triton kernel on a CPU runs in the interpreter process of
+    test_irpe_triton.py (test_activation_checkpointing_recomputes_the_triton_kernels_masks)."""
+    if isinstance(setting(impl), str):
+        pytest.skip(setting(impl))
+    check_checkpointed_gradients(impl)
 
 
 def test_without_the_rng_state_the_recompute_would_draw_other_masks(monkeypatch):

@@ -4,8 +4,10 @@ machine without one.
 * Numbers. Triton's interpreter runs the kernels on CPU tensors, but only when TRITON_INTERPRET=1
   is set before triton is imported, and pytest has imported it long before. So the fixture
   ``interpreted`` runs this file as a script in one subprocess: it computes every case of
-  ``CASES`` (and the checks of bucket ids and dropout masks) and prints the errors as JSON, and
-  the tests assert on them. Each case compares the output and the gradients of q, k, v and every
+  ``CASES`` (and the checks of bucket ids and dropout masks, test_activation_checkpointing.py's
+  check with the kernel, and ``benchmarks/gpu_check.py --dry-run``: everything that needs the
+  interpreter, in one process, as each costs seconds to start) and prints the results as JSON,
+  and the tests assert on them. Each case compares the output and the gradients of q, k, v and every
   table with the naive float64 reference (``irpe_reference.attention_heads_ref``, autograd
   through it): every method x mode x shared / per-head table, each of q, k, v alone and all three, with a
   padded image, a sequence that ends inside a block, skip tokens, a 1-cell map, the largest
@@ -18,6 +20,7 @@ machine without one.
   in the slow test.
 * What the kernel refuses, and that the package imports without triton.
 """
+import contextlib
 import importlib.util
 import json
 import math
@@ -203,7 +206,7 @@ def run_bucket_ids() -> list:
 
 def run_dropout_masks() -> dict:
     """Statistics of the kernels' masks: drop rate, correlation of neighbours, seeding."""
-    p, L = 0.1, 128
+    p, L = 0.1, 64
     mask = triton_kernel.dropout_mask(p, 123, 1, 2, L).double()
     dropped = (mask == 0).double()
     return dict(
@@ -230,6 +233,32 @@ def run_largest_tensor() -> dict:
         out = triton_kernel.run(plan, *inputs, [t.lookup_table.float() for _, t in tables])
         out.sum().backward()
     return dict(largest=probe.largest_bytes, buckets=tables[0][1].num_buckets, shape=list(inputs[0].shape))
+
+
+def run_checkpointing() -> str:
+    """test_activation_checkpointing's check with the kernel (float32, smaller images): ``"ok"``, or what failed."""
+    from test_activation_checkpointing import check_checkpointed_gradients
+
+    try:
+        check_checkpointed_gradients("triton", sizes=((64, 96), (64, 64)))
+    except AssertionError as e:
+        return f"failed: {e}"
+    return "ok"
+
+
+def run_gpu_check() -> dict:
+    """``benchmarks/gpu_check.py --dry-run`` (what it prints goes to stderr)."""
+    folder = HERE.parent / "benchmarks"
+    spec = importlib.util.spec_from_file_location("benchmarks_gpu_check", folder / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(module)
+        with contextlib.redirect_stdout(sys.stderr):
+            return module.main(["--dry-run"])
+    finally:
+        sys.path.remove(str(folder))
 
 
 def multiply_bfloat16_in_the_interpreter() -> None:
@@ -266,8 +295,13 @@ def main() -> None:
         start = time.perf_counter()
         results[name] = run_case(params)
         seconds[name] = time.perf_counter() - start
-    report = dict(cases=results, seconds=seconds, layer=run_layer(), bucket_ids=run_bucket_ids(),
-                  dropout_masks=run_dropout_masks(), largest_tensor=run_largest_tensor())
+    report = dict(cases=results, seconds=seconds)
+    for name, run in (("layer", run_layer), ("bucket_ids", run_bucket_ids), ("dropout_masks", run_dropout_masks),
+                      ("largest_tensor", run_largest_tensor), ("checkpointing", run_checkpointing),
+                      ("gpu_check", run_gpu_check)):
+        start = time.perf_counter()
+        report[name] = run()
+        seconds[name] = time.perf_counter() - start
     print(json.dumps(report))
 
 
@@ -348,11 +382,17 @@ def test_no_batch_heads_length_squared_tensor_is_formed(interpreted):
     assert found["largest"] <= 4 * B * H * L * max(D, found["buckets"]) < 4 * B * H * L * L
 
 
-def test_interpreter_runtime_is_recorded(interpreted):
-    """Not a correctness check: the slowest cases, so that growth is visible (``-rA`` shows it)."""
-    slowest = sorted(interpreted["seconds"].items(), key=lambda kv: -kv[1])[:3]
-    print("slowest interpreted cases:", ", ".join(f"{n} {s:.2f} s" for n, s in slowest))
-    assert sum(interpreted["seconds"].values()) < 120
+def test_activation_checkpointing_recomputes_the_triton_kernels_masks(interpreted):
+    """test_activation_checkpointing.py's check for ``rpe_impl="triton"``, run in the interpreter."""
+    assert interpreted["checkpointing"] == "ok"
+
+
+def test_gpu_check_dry_run_runs_every_section_through_the_interpreter(interpreted):
+    """benchmarks/gpu_check.py --dry-run, so that the script a lent GPU runs cannot rot."""
+    rows = interpreted["gpu_check"]["rows"]
+    assert {r["section"] for r in rows} == {"a", "b", "c"}
+    assert all(r["ok"] for r in rows if r["section"] == "a")  # triton == sdpa, outputs and every gradient
+    assert all(r["ms"] and r["ms"] > 0 for r in rows if r["section"] != "a")
 
 
 # --------------------------------------------------------------------------------------------
