@@ -1,9 +1,11 @@
 """Export to ONNX / torch.export: onnxruntime and the loaded program compute what PyTorch computes.
 
-Two models are exported, once each (module fixtures, they dominate this file's time): a tiny DETR
-whose four encoder layers carry the four iRPE methods (bias and ctx, on q, k and v, shared and
+Two models are exported to ONNX, once each (module fixtures, they dominate this file's time): a tiny
+DETR whose four encoder layers carry the four iRPE methods (bias and ctx, on q, k and v, shared and
 per-head tables, random tables), and a plain tiny DETR written to a checkpoint and exported by
-``tools/export.py``. Both are checked on padded batches of sizes not used at export.
+``tools/export.py``. Both are checked on padded batches of sizes not used at export. A ``torch.export``
+program (``.pt2``) is written, loaded back and checked by the exporter itself, once, for a checkpoint of
+the iRPE release.
 """
 import json
 import shutil
@@ -22,10 +24,10 @@ from detr_irpe.engine.inference import LoadedDetector, load_detector
 from detr_irpe.errors import InputNotFoundError, UsageError
 from detr_irpe.export import (
     ExportMismatchError, OnnxDetector, Preprocessing, UnsupportedImageError, export_checkpoint, onnx_session,
-    run_onnx, save_onnx, sidecar_path,
+    run_onnx, sidecar_path,
 )
 from detr_irpe.export.exporter import check_options, _check
-from detr_irpe.export.program import sample_inputs
+from detr_irpe.export.program import InputLimits, sample_inputs
 from detr_irpe.irpe import RPEMultiheadAttention
 from detr_irpe.irpe.buckets import TABLE_METHODS, bucket_ids_2d
 from detr_irpe.models.backbone import mask_to_feature
@@ -45,9 +47,9 @@ def max_diffs(got, want):
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    """The four-method model exported by ``Detector.export_onnx(format="torch-export")`` (which checks the
-    loaded program), its program then converted to ONNX. Returns (model, program result, onnx session)."""
-    model = tiny_model(SPECS[0], enc_layers=len(SPECS))
+    """The four-method model exported by ``Detector.export_onnx`` (which checks the ONNX model on a padded
+    batch). Returns (model, export result, onnx session)."""
+    model = tiny_model(SPECS[0], enc_layers=len(SPECS), dec_layers=1)  # the plain model has two
     for layer, spec in zip(model.transformer.encoder.layers, SPECS):
         layer.self_attn = RPEMultiheadAttention(TINY["hidden_dim"], TINY["nheads"], dropout=0.1, rpe=spec)
     randomize_tables(model)
@@ -55,8 +57,8 @@ def mixed(tmp_path_factory):
     cfg.data.eval_size, cfg.data.max_size = SIZES["eval_size"], SIZES["max_size"]
     out = tmp_path_factory.mktemp("mixed")
     detector = Detector(LoadedDetector(model.eval(), None, cfg, CATEGORIES))
-    result = detector.export_onnx(out / "mixed.pt2", format="torch-export")
-    return model, result, onnx_session(save_onnx(result.program, out / "mixed.onnx"))
+    result = detector.export_onnx(out / "mixed.onnx")
+    return model, result, onnx_session(result.model_path)
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +92,6 @@ def test_onnx_equals_pytorch_for_plain_detr_exported_by_the_cli(plain, batch, he
     assert max(diffs.values()) <= 1e-4, diffs
 
 
-def test_torch_export_program_runs_a_new_size_after_loading(mixed):
-    model, result, _ = mixed
-    program = torch.export.load(str(result.model_path)).module()
-    images, mask = sample_inputs(2, (140, 75), seed=5)
-    with torch.no_grad():
-        want = model(images, mask)
-    logits, boxes = program(images, mask)
-    diffs = max_diffs({"pred_logits": logits, "pred_boxes": boxes}, want)
-    assert max(diffs.values()) <= 1e-4, diffs
-
-
 def test_sidecar_holds_what_preprocessing_and_decoding_need(plain, mixed):
     info = json.loads(sidecar_path(plain[2]).read_text())
     assert (info["format"], info["model_file"], info["opset"]) == ("onnx", "plain.onnx", 20)
@@ -114,9 +105,9 @@ def test_sidecar_holds_what_preprocessing_and_decoding_need(plain, mixed):
     assert info["input_size"] == {"min_side": 17, "max_side": 800, "backbone_stride": 16}  # learned: 50 cells
     assert info["irpe"] == [None]
     assert info["checked_against_pytorch"]["max_abs_diff"]["pred_boxes"] <= 1e-4
-    program_info = json.loads(mixed[1].sidecar_path.read_text())
-    assert (program_info["format"], program_info["opset"], program_info["irpe"]) == ("torch-export", None, SPECS)
-    assert program_info["input_size"]["max_side"] is None
+    mixed_info = json.loads(mixed[1].sidecar_path.read_text())
+    assert (mixed_info["format"], mixed_info["irpe"]) == ("onnx", SPECS)
+    assert mixed_info["input_size"]["max_side"] is None  # a sine position embedding takes any size
 
 
 def test_onnx_detector_detections_equal_the_pytorch_detectors(plain):
@@ -242,19 +233,6 @@ def test_an_image_above_the_largest_side_of_a_learned_position_embedding_is_refu
     assert onnx.image_problem(torch.zeros(3, 900, 1000, dtype=torch.uint8)) is None  # resized to 700 x 777
 
 
-def test_two_exports_in_one_folder_keep_a_sidecar_each(plain, tmp_path):
-    _, checkpoint, onnx_path = plain
-    shutil.copy(onnx_path, tmp_path / "model.onnx")
-    shutil.copy(sidecar_path(onnx_path), tmp_path / "model.onnx.json")
-    before = (tmp_path / "model.onnx.json").read_bytes()
-    result = export_checkpoint(str(checkpoint), tmp_path / "model.pt2", fmt="torch-export")
-    assert result.sidecar_path == tmp_path / "model.pt2.json"
-    assert json.loads(result.sidecar_path.read_text())["model_file"] == "model.pt2"
-    assert (tmp_path / "model.onnx.json").read_bytes() == before
-    assert not (tmp_path / "model.json").exists()
-    assert OnnxDetector(tmp_path / "model.onnx").info["format"] == "onnx"
-
-
 def test_an_export_made_before_sidecars_were_named_after_the_model_still_loads(plain, tmp_path):
     onnx_path = plain[2]
     info = json.loads(sidecar_path(onnx_path).read_text())
@@ -348,12 +326,14 @@ def test_a_disagreeing_export_is_an_error(mixed):
 
 
 def test_bucket_ids_computed_in_onnx_equal_bucket_ids_2d(tmp_path):
-    ratios = (1.9, 7.3)  # a fractional ratio, and one whose exact range the sizes below exceed
+    # every method, and each of the two ratios for two of them: a small one and one whose exact range
+    # (beyond which offsets are bucketed by their logarithm) the sizes below span and exceed
+    ratios = dict(zip(TABLE_METHODS, (1.9, 7.3, 7.3, 1.9)))
 
     class Ids(torch.nn.Module):
         def forward(self, x):
             h, w = x.shape[-2:]
-            return tuple(bucket_ids_2d(m, h, w, r)[0] for r in ratios for m in TABLE_METHODS)
+            return tuple(bucket_ids_2d(m, h, w, r)[0] for m, r in ratios.items())
 
     dims = {"x": {2: torch.export.Dim("h", min=2), 3: torch.export.Dim("w", min=2)}}
     program = torch.export.export(Ids(), (torch.zeros(1, 1, 5, 7),), dynamic_shapes=dims)
@@ -361,25 +341,39 @@ def test_bucket_ids_computed_in_onnx_equal_bucket_ids_2d(tmp_path):
     session = onnx_session(tmp_path / "ids.onnx")
     for h, w in [(2, 3), (40, 9), (33, 47), (1, 120)]:
         got = session.run(None, {"x": np.zeros((1, 1, h, w), np.float32)})
-        want = [bucket_ids_2d(m, h, w, r)[0].numpy() for r in ratios for m in TABLE_METHODS]
+        want = [bucket_ids_2d(m, h, w, r)[0].numpy() for m, r in ratios.items()]
         assert all(np.array_equal(g, wn) for g, wn in zip(got, want)), (h, w)
 
 
-def test_an_irpe_model_zoo_checkpoint_exports(tmp_path):
-    """The release's format (DETR's ``args`` Namespace with ``enc_rpe2d``, no config of ours), with
-    a small ResNet so that the test stays fast."""
+def test_an_irpe_model_zoo_checkpoint_exports_as_a_program_beside_another_export(plain, tmp_path):
+    """The release's format (DETR's ``args`` Namespace with ``enc_rpe2d``, no config of ours; the tiny
+    backbone so that the test stays fast) exported as a ``torch.export`` program, which the exporter
+    loads back and checks on a padded batch of another size than it traced. Written into a folder
+    holding an ONNX export: each keeps its own sidecar."""
     import argparse
 
     spec = "rpe-2.0-product-ctx-1-k"
-    model = tiny_model(spec, backbone="resnet18", num_classes=91)
-    args = argparse.Namespace(backbone="resnet18", dilation=False, position_embedding="sine",
+    model = tiny_model(spec, num_classes=91)
+    args = argparse.Namespace(backbone="tiny", dilation=False, position_embedding="sine",
                               hidden_dim=TINY["hidden_dim"], nheads=TINY["nheads"], enc_layers=TINY["enc_layers"],
                               dec_layers=TINY["dec_layers"], dim_feedforward=TINY["dim_feedforward"], dropout=0.1,
                               pre_norm=False, num_queries=TINY["num_queries"], enc_rpe2d=spec, aux_loss=True,
                               dataset_file="coco", masks=False)
     checkpoint = tmp_path / "irpe_detr.pth"
     torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 149, "args": args}, checkpoint)
-    result = export_checkpoint(str(checkpoint), tmp_path / "zoo.pt2", fmt="torch-export")
+    onnx_path = plain[2]
+    shutil.copy(onnx_path, tmp_path / "model.onnx")
+    shutil.copy(sidecar_path(onnx_path), tmp_path / "model.onnx.json")
+    before = (tmp_path / "model.onnx.json").read_bytes()
+
+    result = export_checkpoint(str(checkpoint), tmp_path / "model.pt2", fmt="torch-export")
     info = json.loads(result.sidecar_path.read_text())
     assert info["irpe"] == [spec] and info["outputs"][0]["shape"] == ["batch", TINY["num_queries"], 92]
+    assert (info["format"], info["opset"], info["model_file"]) == ("torch-export", None, "model.pt2")
+    check = info["checked_against_pytorch"]
+    traced, checked = InputLimits.of(model).sample_sizes(model.backbone.stride)
+    assert check["runtime"] == "torch.export.load" and check["input_shape"][2:] == list(checked) != list(traced)
     assert max(result.max_abs_diff.values()) <= 1e-4
+    assert result.sidecar_path == tmp_path / "model.pt2.json"
+    assert (tmp_path / "model.onnx.json").read_bytes() == before and not (tmp_path / "model.json").exists()
+    assert OnnxDetector(tmp_path / "model.onnx").info["format"] == "onnx"

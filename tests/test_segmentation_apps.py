@@ -29,7 +29,7 @@ from detr_irpe.engine.checkpoint import load_checkpoint_file
 from detr_irpe.engine.convert import convert_checkpoint
 from detr_irpe.engine.inference import load_detector
 from detr_irpe.errors import CheckpointError, UsageError
-from detr_irpe.export import OnnxDetector, export_checkpoint, onnx_session, read_sidecar, run_onnx, save_program
+from detr_irpe.export import OnnxDetector, export_checkpoint, onnx_session, read_sidecar, run_onnx
 from detr_irpe.export.program import sample_inputs
 from detr_irpe.interop import read_hf_config, read_safetensors_weights
 from detr_irpe.models import PostProcess, build_detr
@@ -135,19 +135,16 @@ def test_visualize_boxes_of_a_segmentation_model_draws_predicted_and_ground_trut
 
 @pytest.fixture(scope="module")
 def seg_export(seg_checkpoint, tmp_path_factory):
-    """The segmentation model exported once to ONNX (checked by the exporter on its own padded batch);
-    the same torch.export program also saved as a .pt2."""
+    """The segmentation model exported once to ONNX (checked by the exporter on its own padded batch)."""
     out = tmp_path_factory.mktemp("seg_export")
-    result = export_checkpoint(str(seg_checkpoint), out / "seg.onnx")
-    save_program(result.program, out / "seg.pt2")
-    return result, out
+    return export_checkpoint(str(seg_checkpoint), out / "seg.onnx")
 
 
 def test_onnx_and_torch_export_with_masks_equal_pytorch_on_new_padded_sizes(seg_checkpoint, seg_export):
-    result, out = seg_export
+    result = seg_export
     model = load_detector(str(seg_checkpoint)).model
     session = onnx_session(result.model_path)
-    program = torch.export.load(str(out / "seg.pt2")).module()
+    program = result.program.module()  # the torch.export program the ONNX model was converted from
     for seed, (batch, height, width) in enumerate(NEW_SIZES):
         images, mask = sample_inputs(batch, (height, width), seed=seed)
         with torch.no_grad():
@@ -168,7 +165,7 @@ def test_onnx_and_torch_export_with_masks_equal_pytorch_on_new_padded_sizes(seg_
 def test_onnx_detector_and_predict_onnx_give_the_masks_of_the_checkpoint(seg_checkpoint, seg_export, tmp_path):
     """The export's masks come from logits within 1e-5 of PyTorch's: thresholded at 0.5 they agree on
     every pixel but those whose probability lies within that of 0.5 (none here; at most 1 in 1000 allowed)."""
-    result, _ = seg_export
+    result = seg_export
     onnx = OnnxDetector(result.model_path)
     assert onnx.has_masks
     detector = Detector.from_checkpoint(seg_checkpoint, device="cpu")
