@@ -4,6 +4,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -99,17 +100,48 @@ def _gloo_worker(rank: int, world: int, check, init_file: str, out_dir: str) -> 
         dist.destroy_process_group()
 
 
-# What a child process needs, imported once in the fork server; each child is then a fork of it (a
-# fresh interpreter would spend seconds importing torch). The server never runs a torch op, so no
-# thread pool is copied half-way through its work.
-PRELOAD = ["torch", "torchvision", "detr_irpe.models", "detr_irpe.engine", "helpers"]
+# Imported once in the fork server; each child process of the tests is a fork of it (a fresh
+# interpreter spends seconds importing them). The server never runs a torch op, so no thread pool is
+# copied half-way through its work; none of detr_irpe is imported there, nor any optional library, so
+# a child imports the package as a fresh interpreter would.
+PRELOAD = ["torch", "torchvision"]
 
 
 def process_context():
-    """The multiprocessing context for the tests' child processes: ``forkserver``, preloaded."""
+    """The multiprocessing context for the tests' child processes: ``forkserver``, preloaded. (The
+    server keeps the environment it started with: pass a child what it needs as arguments.)"""
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     return context
+
+
+def _run_python(code: str, argv: list, cwd: str, env: dict, stdout: str, stderr: str) -> None:
+    os.environ.update(env)
+    os.chdir(cwd)
+    for fd, path in ((1, stdout), (2, stderr)):  # the files, for Python's writes and C's alike
+        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(file, fd)
+        os.close(file)
+    sys.argv = ["-c", *argv]
+    exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})  # SystemExit(n): exit code n
+
+
+def run_python(code: str, *args, cwd=REPO, env=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -c code args...`` in a new process (a fork of the preloaded server, see PRELOAD), with
+    ``env`` added to the environment; its exit code, stdout and stderr (an exception: code 1, the
+    traceback on stderr)."""
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        process = process_context().Process(target=_run_python, args=(code, [str(a) for a in args], str(cwd),
+                                                                      dict(env or {}), str(out), str(err)))
+        process.start()
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            raise TimeoutError(f"python -c ... {args} ran past {timeout} s:\n{err.read_text()[-3000:]}")
+        return subprocess.CompletedProcess(["python", "-c", "...", *args], process.exitcode, out.read_text(),
+                                           err.read_text())
 
 
 def spawn_gloo(check, out_dir: Path, world: int = 2) -> list:

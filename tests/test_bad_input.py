@@ -5,7 +5,6 @@ import json
 import os
 import runpy
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from detr_irpe.apps.predict import SkippedImageWarning, predict_images
 from detr_irpe.data.images import read_rgb
 from detr_irpe.engine.inference import load_detector
 from detr_irpe.models import build_detr
-from helpers import TINY
+from helpers import TINY, run_python
 
 REPO = Path(__file__).resolve().parents[1]
 COCO = REPO / "tests" / "data" / "coco"
@@ -500,8 +499,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, *se
 def test_huge_image_is_resized_not_out_of_memory(tmp_path, checkpoint):
     ramp = np.linspace(0, 255, 6000, dtype=np.float32).astype(np.uint8)
     Image.fromarray(np.broadcast_to(ramp[None, :, None], (4000, 6000, 3)).copy()).save(tmp_path / "huge.jpg")
-    proc = subprocess.run([sys.executable, "-c", HUGE_SCRIPT, checkpoint, tmp_path / "huge.jpg", tmp_path / "out"],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = run_python(HUGE_SCRIPT, checkpoint, tmp_path / "huge.jpg", tmp_path / "out", timeout=120,
+                      env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     growth_mb, h, w = map(int, proc.stdout.split())
     assert (h, w) == (EVAL_SIZE, MAX_SIZE)  # 6000 x 4000 -> 96 x 64: the model never sees the full image

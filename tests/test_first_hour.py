@@ -1,13 +1,11 @@
 """A new user's first hour: the commands of the README do what they say, through the CLIs."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from helpers import COCO, REPO, tiny_overrides, tool
+from helpers import COCO, run_python, tiny_overrides, tool
 
 
 def run(name, *argv, capsys):
@@ -62,7 +60,7 @@ def test_help_is_plain_text_and_imports_only_its_command(tmp_path):
     probe = ("import sys; from detr_irpe.apps.cli import main\n"
              "try:\n    main(['export', '--help'])\nexcept SystemExit:\n    pass\n"
              "print('LOADED', sorted(m for m in sys.modules if m.startswith('detr_irpe.apps.commands.')))")
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    proc = run_python(probe)
     text, loaded = proc.stdout.split("LOADED")
     assert "usage: detr-irpe export" in text and "`" not in text
     assert eval(loaded) == ["detr_irpe.apps.commands.export", "detr_irpe.apps.commands.options"]

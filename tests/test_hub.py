@@ -2,14 +2,12 @@
 (``torch.hub.load(repo, name, source="local")``)."""
 import argparse
 import importlib.util
-import subprocess
-import sys
 import urllib.error
 
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import REPO, run_python
 from detr_irpe.apps.hub import HUB_ENTRIES, hub_cache_path
 from detr_irpe.errors import CheckpointError, UsageError
 from detr_irpe.models import PostProcess, PostProcessPanoptic
@@ -137,5 +135,5 @@ def test_loading_an_entry_imports_nothing_optional():
             f"m = torch.hub.load({str(REPO)!r}, 'detr_resnet50_irpe_9x9', source='local', pretrained=False)\n"
             "print(sorted(n for n in ('av', 'onnx', 'onnxruntime', 'onnxscript', 'transformers', 'timm', "
             "'tensorboard', 'huggingface_hub') if n in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.strip() == "[]"
+    out = run_python(code, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-3000:]

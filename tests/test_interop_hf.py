@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoImageProcessor, DetrConfig, DetrForObjectDetection, ResNetConfig
 
-from helpers import COCO, run_tool, tiny_overrides, tool
+from helpers import COCO, run_python, tiny_overrides, tool
 from detr_irpe import Detector
 from detr_irpe.config import DataConfig, load_config
 from detr_irpe.data import IMAGENET_MEAN, IMAGENET_STD, CocoDetection, collate_fn, make_eval_transforms
@@ -515,7 +515,9 @@ def test_an_unreachable_hub_is_asked_once_then_only_the_cache_is_read(server, tm
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0",
            "TRANSFORMERS_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     try:
-        attempts, message = run_tool(["-c", COUNT_CONNECTIONS], port, extra_env=env).stdout.split("\n", 1)
+        proc = run_python(COUNT_CONNECTIONS, port, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        attempts, message = proc.stdout.split("\n", 1)
     finally:
         listener.close()
     assert int(attempts) == 1
@@ -547,7 +549,9 @@ for attempt in (lambda: load_checkpoint_file("facebook/detr-resnet-50"),
 
 def test_without_the_hf_libraries_nothing_loads_them_and_what_needs_them_names_the_extra(tmp_path):
     our_checkpoint(tmp_path / "ours.pth")
-    out = run_tool(["-c", WITHOUT_HF_LIBRARIES], tmp_path / "ours.pth", tmp_path / "hf").stdout
+    proc = run_python(WITHOUT_HF_LIBRARIES, tmp_path / "ours.pth", tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
     loaded, hub_id, to_hf = [json.loads(line) for line in out.splitlines()]
     assert loaded == []  # importing the checkpoint readers and writers loads none of them
     assert hub_id.startswith("the Hugging Face hub id 'facebook/detr-resnet-50' needs huggingface_hub")

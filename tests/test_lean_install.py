@@ -2,10 +2,8 @@
 with the optional libraries unimportable, importing the package loads none of them, and each
 feature that needs one is one ``error:`` line naming the extra to install."""
 import json
-import subprocess
-import sys
 
-from helpers import COCO, REPO
+from helpers import COCO, REPO, run_python
 
 OPTIONAL = ("onnx", "onnxruntime", "onnxscript", "transformers", "timm", "huggingface_hub", "tensorboard",
             "ultrafast_pycocotools", "faster_coco_eval", "av")
@@ -43,9 +41,8 @@ print(json.dumps({"codes": codes, "loaded": loaded}))
 
 
 def test_the_core_works_without_any_extra_and_names_the_missing_one(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", DRIVER % {"optional": OPTIONAL}, str(REPO / "tests"), str(tmp_path),
-                           str(COCO), str(COCO / "val2017" / "000000223747.jpg")],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = run_python(DRIVER % {"optional": OPTIONAL}, REPO / "tests", tmp_path, COCO,
+                      COCO / "val2017" / "000000223747.jpg", timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["loaded"] == []

@@ -10,8 +10,6 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from PIL import Image
 
 import detr_irpe.engine.train as train_module
 import detr_irpe.files as files_module
-from helpers import COCO, REPO, save_tiny_checkpoint, tiny_overrides, tool
+from helpers import COCO, REPO, run_python, save_tiny_checkpoint, tiny_overrides, tool
 
 VAL_IMAGE = "000000223747.jpg"
 
@@ -344,7 +342,10 @@ def test_checkpoints_get_the_permissions_the_umask_gives(tmp_path, capsys):
 
 
 DRIVER = r"""
-import json, os, resource, sys
+import ctypes, json, os, resource, sys
+if os.geteuid() == 0:  # a new user namespace, so that root loses its power to write anywhere (as a user has none)
+    if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
 sys.path.insert(0, sys.argv[1])
 from helpers import tool, tiny_overrides
 readonly, checkpoint, image, big = sys.argv[2:6]
@@ -358,24 +359,12 @@ print(json.dumps(results))
 """
 
 
-def _without_privileges():
-    """In the child: a new user namespace, so that root loses its power to write anywhere (as a user has none)."""
-    if os.geteuid() == 0:
-        import ctypes
-
-        if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:  # CLONE_NEWUSER
-            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
-
-
 def test_read_only_folders_and_a_file_size_limit_are_one_error_line(tmp_path, tiny_checkpoint):
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     readonly.chmod(0o555)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.pop("DETR_IRPE_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(REPO / "tests"), str(readonly), str(tiny_checkpoint),
-                           str(COCO / "val2017" / VAL_IMAGE), str(tmp_path / "big")], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300, preexec_fn=_without_privileges)
+    proc = run_python(DRIVER, REPO / "tests", readonly, tiny_checkpoint, COCO / "val2017" / VAL_IMAGE, tmp_path / "big",
+                      env={"OMP_NUM_THREADS": "1", "DETR_IRPE_DEBUG": ""})
     readonly.chmod(0o755)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == {"train": 1, "predict": 1, "file size": 1}

@@ -3,9 +3,7 @@ read back from the output folder; a progress bar), and the ONNX libraries loaded
 The comparisons of ONNX with PyTorch are in test_export.py, beside the export they need."""
 import io
 import json
-import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 
 from detr_irpe.apps.predict import SkippedImageWarning, expand_inputs, output_names, predict_path
 from detr_irpe.data.images import list_images
-from helpers import COCO, REPO
+from helpers import COCO, run_python
 
 SMALL = COCO / "val2017" / "000000404484.jpg"  # 320 x 240
 
@@ -122,9 +120,7 @@ LAZY = textwrap.dedent('''
 
 @pytest.mark.parametrize("libraries", ["installed", "missing"])
 def test_importing_predict_and_export_loads_no_onnx_library(libraries, tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", LAZY, libraries], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=120)
+    proc = run_python(LAZY, libraries, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.splitlines()[-1])
     assert report["loaded"] == []

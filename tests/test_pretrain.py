@@ -6,7 +6,7 @@ import torch
 from detr_irpe.config import load_config
 from detr_irpe.engine.pretrain import ImageLabelClassifier, cell_labels, image_labels, pretrain_backbone
 from detr_irpe.models import build_backbone, build_detr
-from helpers import COCO, REPO, run_tool, tiny_overrides
+from helpers import COCO, REPO, tiny_overrides, tool
 
 
 def _cfg(tmp_path, **extra):
@@ -70,12 +70,13 @@ def test_pretraining_learns_and_its_weights_load(tmp_path):
     assert torch.equal(model.backbone[0].body.stage0.conv.weight, state["body.stage0.conv.weight"])
 
 
-def test_pretrain_cli(tmp_path):
+def test_pretrain_cli(tmp_path, capsys):
     out = tmp_path / "b.pth"
-    proc = run_tool("pretrain_backbone.py", "--config", REPO / "configs" / "demo.yaml", "--out", out,
-                    "--iterations", 3, "--batch-size", 2, f"data.root={COCO}", "data.train_images=train2017",
-                    "data.train_annotations=annotations/instances_train2017.json", "model.num_classes=91")
-    assert out.is_file() and "model.backbone_weights=" in proc.stdout
+    assert tool("pretrain_backbone").main([
+        "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(out), "--iterations", "3", "--batch-size", "2",
+        f"data.root={COCO}", "data.train_images=train2017", "data.train_annotations=annotations/instances_train2017.json",
+        "model.num_classes=91"]) == 0
+    assert out.is_file() and "model.backbone_weights=" in capsys.readouterr().out
 
 
 def test_bad_backbone_weights_are_refused_clearly(tmp_path):
