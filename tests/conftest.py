@@ -16,6 +16,18 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+# Files whose module fixtures or subprocesses take many seconds, slowest first. They run before the
+# rest, so that `make test`'s two workers (xdist, --dist loadfile: a file stays on one worker) end
+# together rather than one waiting on a heavy file that came last in the alphabet.
+HEAVY_FIRST = ("test_export.py", "test_irpe_triton.py", "test_segmentation_apps.py", "test_install.py",
+               "test_engine_cli.py", "test_interop_hf.py")
+
+
+def pytest_collection_modifyitems(items):
+    order = {name: rank for rank, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(HEAVY_FIRST)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def irpe_kernel():
     """The compiled iRPE kernel, built (or loaded from the cache) once before any test uses it."""
