@@ -55,6 +55,20 @@ def save_tiny_checkpoint(path, rpe=CTX, categories=None, model=None, model_optio
     return path
 
 
+def load_benchmark(name):
+    """``benchmarks/<name>.py`` as a module (its ``main(argv)`` runs in this process)."""
+    folder = REPO / "benchmarks"
+    sys.path.insert(0, str(folder))  # the scripts import their neighbours (machine.py)
+    try:
+        spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(folder))
+
+
 def tool(name):
     """``tools/<name>.py`` as a module: its ``main(argv)`` runs in this process, returns the exit code."""
     spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")

@@ -13,6 +13,7 @@ from detr_irpe.irpe.attention import triton_refusal
 from detr_irpe.models import build_detr
 from detr_irpe.models import checkpointing as ckpt
 from detr_irpe.models.checkpointing import set_activation_checkpointing
+from helpers import load_benchmark
 from test_accumulate import close, make_images, make_targets, pad
 
 PARTS = ["backbone", "encoder", "decoder"]
@@ -156,19 +157,8 @@ def test_parts_are_checked():
 
 def test_the_memory_benchmark_runs(capsys):
     """benchmarks/training_memory.py on a tiny model, so that it cannot rot."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    folder = Path(__file__).resolve().parent.parent / "benchmarks"
-    sys.path.insert(0, str(folder))
-    try:
-        spec = importlib.util.spec_from_file_location("benchmarks_training_memory", folder / "training_memory.py")
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-        result = bench.main(["--small", "--backbone", "resnet18", "--size", "64", "80", "--reps", "1"])
-    finally:
-        sys.path.remove(str(folder))
+    bench = load_benchmark("training_memory")
+    result = bench.main(["--small", "--backbone", "resnet18", "--size", "64", "80", "--reps", "1"])
     assert set(result["rows"]) == set(bench.CHOICES) and all(r["activations"] > 0 for r in result["rows"].values())
     assert all(t > 0 for t in result["times"].values()) and result["normalizers"] > 0
     assert "| all three |" in capsys.readouterr().out

@@ -1,26 +1,11 @@
 """Smoke test: the benchmark scripts run in-process on tiny sizes and produce numbers."""
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def load(name):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+from helpers import load_benchmark
 
 
 def test_attention_benchmark_produces_numbers(capsys):
-    bench = load("attention")
+    bench = load_benchmark("attention")
     rows = bench.main(["--quick", "--config", "2x4x5", "--reps", "1", "--warmup", "0",
                        "--specs", "rpe-2.0-product-ctx-1-k", "rpe-2.0-cross-ctx-1-qk"])
     names = {r.variant for r in rows}
@@ -34,7 +19,7 @@ def test_attention_benchmark_produces_numbers(capsys):
 
 
 def test_scaling_benchmark_fits_an_exponent(capsys):
-    scaling = load("scaling")
+    scaling = load_benchmark("scaling")
     results = scaling.main(["--sides", "3", "5", "--reps", "1", "--no-memory"])
     assert all(len(rows) == 2 and all(t > 0 for _, t, _ in rows) for rows in results.values())
     assert "time exponent" in capsys.readouterr().out
@@ -42,7 +27,7 @@ def test_scaling_benchmark_fits_an_exponent(capsys):
 
 
 def test_end_to_end_benchmark_both_modes():
-    bench = load("end_to_end")
+    bench = load_benchmark("end_to_end")
     small = ["--backbone", "tiny", "--size", "64", "96", "--reps", "1", "--device", "cpu"]
     alternating = bench.main(small)
     assert {("plain", "train"), ("irpe", "train"), ("plain", "infer"), ("irpe", "infer")} == set(alternating)
@@ -55,5 +40,5 @@ def test_gpu_check_without_cuda_says_so_and_exits_0(capsys, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert load("gpu_check").main([]) == {}
+    assert load_benchmark("gpu_check").main([]) == {}
     assert capsys.readouterr().out.startswith("gpu_check: no CUDA device here, nothing measured")

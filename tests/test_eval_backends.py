@@ -19,6 +19,7 @@ from detr_irpe.evaluation import (BACKENDS, METRIC_NAMES, NOT_EXACT, CocoEvaluat
 from detr_irpe.evaluation.backends import FASTER_COCO_EVAL, load_ground_truth, run_cocoeval
 from detr_irpe.errors import UsageError
 from detr_irpe.optional import MissingExtraError
+from helpers import load_benchmark
 
 CATEGORIES = (1, 2, 3, 5, 7, 9)  # 9 has no ground truth at all
 NO_GT_IMAGE, NO_DET_IMAGE, CROWDED_IMAGE = 3, 4, 2  # CROWDED_IMAGE: more than 100 detections
@@ -244,9 +245,7 @@ def test_eval_cli_scores_a_results_file_without_a_model(tmp_path, nasty, capsys)
 
 
 def test_the_speed_benchmark_runs_and_finds_the_exact_backends_exact(capsys):
-    from test_benchmarks import load
-
-    rows = load("eval_speed").main(["--images", "20", "--repeats", "1", "--skip-demo"])
+    rows = load_benchmark("eval_speed").main(["--images", "20", "--repeats", "1", "--skip-demo"])
     assert set(rows) == set(BACKENDS) and all(row[1] > 0 for row in rows.values())
     assert all(rows[name][2:] == rows["pycocotools"][2:] for name in EXACT)
     assert "speed-up" in capsys.readouterr().out

@@ -38,7 +38,7 @@ import torch
 from detr_irpe.irpe import RPEConfig, RPEMultiheadAttention, triton_kernel
 from detr_irpe.irpe.buckets import TABLE_METHODS, bucket_ids_2d
 from irpe_reference import attention_heads_ref, attention_ref, bucket_ref
-from helpers import LargestTensor, randomize_tables
+from helpers import LargestTensor, load_benchmark, randomize_tables
 
 HERE = Path(__file__).resolve().parent
 FLOAT32_TOLERANCE = 1e-4  # of the largest absolute value of each reference tensor
@@ -248,17 +248,8 @@ def run_checkpointing() -> str:
 
 def run_gpu_check() -> dict:
     """``benchmarks/gpu_check.py --dry-run`` (what it prints goes to stderr)."""
-    folder = HERE.parent / "benchmarks"
-    spec = importlib.util.spec_from_file_location("benchmarks_gpu_check", folder / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    sys.path.insert(0, str(folder))
-    try:
-        spec.loader.exec_module(module)
-        with contextlib.redirect_stdout(sys.stderr):
-            return module.main(["--dry-run"])
-    finally:
-        sys.path.remove(str(folder))
+    with contextlib.redirect_stdout(sys.stderr):
+        return load_benchmark("gpu_check").main(["--dry-run"])
 
 
 def multiply_bfloat16_in_the_interpreter() -> None:
