@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from detr_irpe.apps.cli import main
-from detr_irpe.apps.demo import DemoSettings, draw_panoptic_pictures, run_demo
+from detr_irpe.apps.demo import DemoSettings, build_demo_config, draw_panoptic_pictures, run_demo
 from detr_irpe.config import ConfigError, load_config
 from detr_irpe.data import build_dataset
 from detr_irpe.engine.evaluate_panoptic import evaluate_panoptic_model
@@ -45,6 +45,13 @@ def test_demo_panoptic_smoke_trains_and_reports_pq(demo_run):
     assert sorted(a["image_id"] for a in predictions["annotations"]) == [1, 2, 3]
     assert all((masks / "panoptic_predictions" / a["file_name"]).is_file() for a in predictions["annotations"])
     assert summary["masks"]["iterations"] == 1
+
+
+def test_the_panoptic_demo_has_its_own_detector_schedule_under_the_users_overrides():
+    cfg = build_demo_config(DemoSettings(panoptic=True))
+    assert (cfg.model.num_queries, cfg.train.pretrain_iterations, cfg.train.epochs) == (24, 600, 12)
+    assert build_demo_config(DemoSettings(panoptic=True, overrides=["model.num_queries=30"])).model.num_queries == 30
+    assert build_demo_config(DemoSettings()).model.num_queries == 12  # the detection demo keeps demo.yaml's
 
 
 def test_pq_of_the_written_predictions_equals_the_evaluation_loops(demo_run, tmp_path):

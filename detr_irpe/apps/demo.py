@@ -21,8 +21,9 @@ with the masks drawn.
 
 With ``panoptic`` (``demo --panoptic``) the data is the synthetic panoptic variant (stuff bands behind
 the shapes, as COCO panoptic json + PNGs, in ``<data_root>_panoptic``): the detector learns things
-and stuff, the mask stage follows as for ``masks``, and the evaluation is PQ (official DETR's
-panoptic post-processing, :mod:`detr_irpe.engine.evaluate_panoptic`).
+and stuff on the longer schedule :data:`PANOPTIC_STAGE`, the mask stage follows as for ``masks``,
+and the evaluation is PQ (official DETR's panoptic post-processing, threshold 0.85,
+:mod:`detr_irpe.engine.evaluate_panoptic`).
 """
 from __future__ import annotations
 
@@ -64,6 +65,16 @@ MASK_STAGE = {
 }
 
 
+# The detector of ``demo --panoptic`` (its mask stage is MASK_STAGE's): its images hold up to 6 shapes
+# and 3 stuff segments, where the detection demo's hold up to 6 shapes, so twice the queries, the
+# pretraining and the epochs of demo.yaml (6000 iterations); benchmarks/README.md has the runs behind them.
+PANOPTIC_STAGE = {
+    "model.num_queries": 24,
+    "train.pretrain_iterations": 600,
+    "train.epochs": 12,
+}
+
+
 @dataclass
 class DemoSettings:
     """What the demo does besides the model / data / train config (``config`` + ``overrides``)."""
@@ -99,9 +110,11 @@ def panoptic_root(settings: DemoSettings) -> str:
 
 
 def build_demo_config(settings: DemoSettings, layout=None) -> Config:
-    """The config file and the overrides, pointed at the generated data (``layout``) and the demo's
-    output folder; with ``layout=None`` it only checks the config, before any data is made."""
-    cfg = load_config(settings.config or DEFAULT_CONFIG, settings.overrides)
+    """The config file (with :data:`PANOPTIC_STAGE` on top for the panoptic variant) and the overrides,
+    pointed at the generated data (``layout``) and the demo's output folder; with ``layout=None`` it
+    only checks the config, before any data is made."""
+    recipe = [f"{k}={v}" for k, v in PANOPTIC_STAGE.items()] if settings.panoptic else []
+    cfg = load_config(settings.config or DEFAULT_CONFIG, recipe + settings.overrides)
     if layout is not None:
         apply_overrides(cfg, layout.config_overrides() + [f"model.num_classes={layout.num_classes}",
                                                           f"train.output_dir={settings.output_dir}"])
