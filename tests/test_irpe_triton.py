@@ -70,7 +70,8 @@ def case(method, mode="contextual", rpe_on="k", shared=True, hw=(3, 6), skip=0, 
 # Every method x mode x shared, and for each method every term alone (q, k, v) and all three
 # together: shared tables on a 3 x 6 map (18 tokens: blocks of 16 and 2), per-head tables on
 # 4 x 4 with a skip token (17 tokens: 16 and 1). One image (with padded tokens) to halve the
-# interpreter's time; the other cases have two.
+# interpreter's time, as for the heaviest special cases and the half-precision ones; the others
+# have two.
 RPE_ON = {("bias", True): ("q",), ("bias", False): ("k",), ("contextual", True): ("k", "qkv"),
           ("contextual", False): ("q", "v")}
 COMBOS = dict(
@@ -79,19 +80,19 @@ COMBOS = dict(
     for shared in (True, False) for rpe_on in RPE_ON[mode, shared]
 )
 SPECIAL = dict([
-    case("product", rpe_on="qkv", shared=False, head_dim=64),
+    case("product", rpe_on="qkv", shared=False, head_dim=64, batch=1),
     case("product", rpe_on="qkv", hw=(1, 1)),  # a 1-cell map: one token
     case("euc", "bias", "qk", shared=False, hw=(1, 1), skip=2),  # one image token, two skip tokens
-    case("product", rpe_on="qkv", shared=False, skip=1, ratio=7.5),  # 31^2 + 1 = 962 buckets, the most accepted
-    case("euc", "bias", "qk", ratio=100.0),  # the largest ratio the spec allows: 401 buckets
+    case("product", rpe_on="qkv", shared=False, skip=1, ratio=7.5, batch=1),  # 31^2 + 1 = 962 buckets, the most accepted
+    case("euc", "bias", "qk", ratio=100.0, batch=1),  # the largest ratio the spec allows: 401 buckets
     case("product", rpe_on="k", hw=(5, 7), rows=None),  # the default block (32): 35 tokens, blocks of 32 and 3
     case(None),  # no iRPE
 ])
-HALF = dict([
-    case("product", rpe_on="qkv", shared=False, skip=1, dtype="bfloat16", table_dtype="float32"),
-    case("cross", "bias", "qk", hw=(4, 4), dtype="bfloat16"),
-    case("euc", rpe_on="kv", shared=False, dtype="float16"),
-    case("quant", rpe_on="qkv", dtype="bfloat16", dropout=0.2),
+HALF = dict([  # one image each: the batch offsets do not depend on the dtype (checked above, in float32)
+    case("product", rpe_on="qkv", shared=False, skip=1, dtype="bfloat16", table_dtype="float32", batch=1),
+    case("cross", "bias", "qk", hw=(4, 4), dtype="bfloat16", batch=1),
+    case("euc", rpe_on="kv", shared=False, dtype="float16", batch=1),
+    case("quant", rpe_on="qkv", dtype="bfloat16", dropout=0.2, batch=1),
 ])
 DROPOUT = dict([
     case("product", rpe_on="qkv", shared=False, skip=1, dropout=0.3),
