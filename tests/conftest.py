@@ -19,8 +19,9 @@ def pytest_configure(config):
 # Files whose module fixtures or subprocesses take many seconds, slowest first. They run before the
 # rest, so that `make test`'s two workers (xdist, --dist loadfile: a file stays on one worker) end
 # together rather than one waiting on a heavy file that came last in the alphabet.
-HEAVY_FIRST = ("test_export.py", "test_irpe_triton.py", "test_segmentation_apps.py", "test_install.py",
-               "test_engine_cli.py", "test_interop_hf.py")
+HEAVY_FIRST = ("test_export.py", "test_irpe_triton.py", "test_segmentation_apps.py", "test_interop_hf.py",
+               "test_irpe_fastpaths.py", "test_engine_cli.py", "test_install.py", "test_irpe_native.py",
+               "test_accumulate_ddp.py", "test_visualize.py", "test_segmentation.py")
 
 
 def pytest_collection_modifyitems(items):
